@@ -1,0 +1,168 @@
+"""``onnx-lowrank compress``: factorize a model under one budget and write it atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from onnx_lowrank import __version__
+from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape_option, json_option, progress
+from onnx_lowrank.compress import CompressResult, apply_plan
+from onnx_lowrank.errors import NothingToDo, OptionError
+from onnx_lowrank.layers import find_layers
+from onnx_lowrank.model import check_output_path, load_model, model_sha256, save_model
+from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, RankRequest, plan_for
+from onnx_lowrank.search.budget import fraction_budget
+from onnx_lowrank.search.plan import RankPlan
+
+BUDGET_FLAGS = ("--keep-params", "--keep-flops", "--energy", "--rank", "--plan")
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL.onnx", type=click.Path(path_type=str))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=str), help="Where to write the compressed model.")
+@click.option("--keep-params", type=float, metavar="F", help="Factorizable layers keep at most this fraction of their parameters.")
+@click.option("--keep-flops", type=float, metavar="F", help="Factorizable layers keep at most this fraction of their FLOPs.")
+@click.option("--energy", type=float, metavar="E", help="Per layer, the smallest rank keeping E of the squared singular values.")
+@click.option("--rank", "rank_text", metavar="N|full", help="Uniform rank cap, or 'full' (exact rewrite of every supported layer).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=str), help="Apply this RankPlan JSON (per-layer ranks).")
+@click.option("--min-params", default=4096, show_default=True, help="Leave layers with fewer weight values alone.")
+@click.option("--save-plan", type=click.Path(path_type=str), help="Write the plan that was applied.")
+@click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--inputs-as-constants", is_flag=True, help="Factorize weights that are also graph inputs (IR >= 4).")
+@click.option("--external-data/--no-external-data", default=None, help="Store weights in OUTPUT.data (default: only above 2 GB).")
+@input_shape_option
+@json_option
+def compress(
+    model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, min_params, save_plan,
+    report_path, overwrite, inputs_as_constants, external_data, input_shapes, as_json,
+):
+    """Replace weight matrices and conv kernels of MODEL.onnx by low-rank factors.
+
+    Exactly one of --keep-params, --keep-flops, --energy, --rank or --plan says how much.
+    """
+    request = _request(keep_params, keep_flops, energy, rank_text, plan_path)
+    check_output_path(Path(output_path), overwrite=overwrite, input_path=model_path)
+    model = load_model(model_path)
+    layers = find_layers(model, input_shapes, treat_inputs_as_constants=inputs_as_constants)
+    if not any(layer.supported for layer in layers):
+        raise NothingToDo(f"{model_path}: nothing to compress (no supported Gemm/MatMul/Conv layer); no file written")
+    sha = model_sha256(model_path)
+    if isinstance(request, RankPlan):
+        plan = request
+    else:
+        with progress("SVD", sum(1 for la in layers if la.supported)) as advance:
+            plan = plan_for(model, layers, request, min_params=min_params, model_sha256=sha, on_layer=advance)
+    if not plan.factorized():
+        raise NothingToDo(
+            f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
+            "or at/above its break-even rank); no file written"
+        )
+    with progress("factorize", len(plan.factorized())) as advance:
+        result = apply_plan(model, layers, plan, on_layer=advance)
+    save_model(result.model, output_path, overwrite=overwrite, input_path=model_path, external_data=external_data)
+    report = build_report(model_path, output_path, result)
+    if save_plan:
+        plan.save(save_plan)
+    if report_path:
+        _write_json(report_path, report)
+    if as_json:
+        echo_json(report)
+    else:
+        print_summary(report)
+        info(f"wrote {output_path}")
+
+
+def _request(keep_params, keep_flops, energy, rank_text, plan_path):
+    given = [
+        flag for flag, value in zip(BUDGET_FLAGS, (keep_params, keep_flops, energy, rank_text, plan_path))
+        if value is not None
+    ]
+    if len(given) != 1:
+        what = "none was given" if not given else f"got {', '.join(given)}"
+        raise OptionError(f"give exactly one of {', '.join(BUDGET_FLAGS)} ({what})")
+    if keep_params is not None:
+        return BudgetRequest(fraction_budget("params", keep_params, flag="--keep-params"))
+    if keep_flops is not None:
+        return BudgetRequest(fraction_budget("flops", keep_flops, flag="--keep-flops"))
+    if energy is not None:
+        if not 0 < energy <= 1:
+            raise OptionError(f"--energy must be in (0, 1], got {energy}")
+        return EnergyRequest(energy)
+    if rank_text is not None:
+        if rank_text.strip().lower() == "full":
+            return FullRankRequest()
+        if not rank_text.strip().isdigit() or int(rank_text) < 1:
+            raise OptionError(f"--rank must be a positive integer or 'full', got {rank_text!r}")
+        return RankRequest(int(rank_text))
+    return RankPlan.load(plan_path)
+
+
+def build_report(model_path: str, output_path: str, result: CompressResult) -> dict:
+    """The JSON report of one compress run."""
+    return {
+        "tool": {"name": "onnx-lowrank", "version": __version__},
+        "input": {"path": model_path, "bytes": os.path.getsize(model_path)},
+        "output": {"path": output_path, "bytes": _size_with_data(output_path)},
+        "seconds": round(result.seconds, 3),
+        "totals": result.totals,
+        "layers": result.layers,
+        "not_applied": result.factorize_report.not_applied,
+        "plan": result.plan.to_json(),
+    }
+
+
+def print_summary(report: dict) -> None:
+    """Before/after table of the factorized layers, then totals."""
+    from rich.table import Table
+
+    table = Table(title="compressed layers", title_justify="left")
+    for column, justify in (
+        ("layer", "left"), ("op", "left"), ("weight", "left"), ("rank", "right"),
+        ("params", "right"), ("FLOPs", "right"), ("weight rel. err", "right"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    kept = {}
+    for row in report["layers"]:
+        if row["action"] != "factorize":
+            kept[row["reason"]] = kept.get(row["reason"], 0) + 1
+            continue
+        table.add_row(
+            row["name"],
+            row["op"],
+            "x".join(str(d) for d in row["weight_shape"]),
+            str(row["rank"]),
+            f"{human(row['params_before'])} -> {human(row['params_after'])}",
+            f"{human(row['flops_before'])} -> {human(row['flops_after'])}",
+            f"{row.get('weight_rel_error', 0):.4f}",
+        )
+    out = console()
+    out.print(table)
+    totals = report["totals"]
+    before, after = totals["model_params_before"], totals["model_params_after"]
+    line = f"model params {human(before)} -> {human(after)} ({after / before:.1%} kept)"
+    if "layer_flops_before" in totals:
+        fb, fa = totals["layer_flops_before"], totals["layer_flops_after"]
+        line += f"; Gemm/MatMul/Conv FLOPs {human(fb)} -> {human(fa)} ({fa / fb:.1%})"
+    line += f"; file {human(report['input']['bytes'], 'B')} -> {human(report['output']['bytes'], 'B')}"
+    line += f"; {report['seconds']:.2f} s"
+    out.print(line)
+    if kept:
+        out.print("kept dense: " + ", ".join(f"{count} {reason}" for reason, count in sorted(kept.items())))
+
+
+def _size_with_data(path: str) -> int:
+    size = os.path.getsize(path)
+    data = path + ".data"
+    return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+def _write_json(path: str, data: dict) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, target)

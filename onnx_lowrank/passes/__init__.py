@@ -1,0 +1,1 @@
+"""Graph rewrites: each module is one transformation over an ONNX ModelProto."""

@@ -1,0 +1,107 @@
+"""Rank selection: turn a rank request (budget, energy, fixed rank) into a :class:`RankPlan`.
+
+Requests are explicit types, never a number whose meaning depends on its Python type. Each
+request type maps to one planning function in ``PLANNERS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx
+
+from onnx_lowrank.layers import Layer
+from onnx_lowrank.search import energy
+from onnx_lowrank.search.analysis import LayerAnalysis, analyze, candidate_layers
+from onnx_lowrank.search.budget import Budget
+from onnx_lowrank.search.plan import LayerDecision, RankPlan
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetRequest:
+    """Keep at most a budget of the candidate layers' params or FLOPs (energy bisection)."""
+
+    budget: Budget
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergyRequest:
+    """Per layer, the smallest rank keeping this fraction of the squared singular values."""
+
+    energy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RankRequest:
+    """One rank cap for every layer."""
+
+    rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FullRankRequest:
+    """Every supported layer at full rank, ignoring break-even (outputs must not change)."""
+
+
+Request = BudgetRequest | EnergyRequest | RankRequest | FullRankRequest
+
+
+def _plan_budget(analyses: list[LayerAnalysis], request: BudgetRequest):
+    decisions, threshold = energy.search_energy(analyses, request.budget)
+    return decisions, {"energy_threshold": round(threshold, 9)}, request.budget
+
+
+def _plan_energy(analyses: list[LayerAnalysis], request: EnergyRequest):
+    return energy.plan_energy(analyses, request.energy), {"energy": request.energy}, None
+
+
+def _plan_rank(analyses: list[LayerAnalysis], request: RankRequest):
+    return energy.plan_rank(analyses, request.rank), {"rank": request.rank}, None
+
+
+def _plan_full(analyses: list[LayerAnalysis], request: FullRankRequest):
+    del request
+    return energy.plan_rank(analyses, None), {"rank": "full"}, None
+
+
+PLANNERS: dict[type, Callable] = {
+    BudgetRequest: _plan_budget,
+    EnergyRequest: _plan_energy,
+    RankRequest: _plan_rank,
+    FullRankRequest: _plan_full,
+}
+
+
+def plan_for(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    request: Request,
+    *,
+    min_params: int,
+    model_sha256: str | None = None,
+    on_layer: Callable[[Layer], None] | None = None,
+) -> RankPlan:
+    """Analyse the candidate layers and allocate ranks for ``request``.
+
+    Full rank ignores ``min_params`` too: it is for proving the rewrite exact on every layer.
+    """
+    floor = 0 if isinstance(request, FullRankRequest) else min_params
+    analyses = analyze(model, candidate_layers(layers, min_params=floor), on_layer=on_layer)
+    decisions, options, budget = PLANNERS[type(request)](analyses, request)
+    options = {"min_params": floor, **options}
+    method = "energy" if not isinstance(request, (RankRequest, FullRankRequest)) else "uniform"
+    return energy.make_plan(
+        layers, decisions, min_params=floor, method=method, budget=budget, options=options, model_sha256=model_sha256
+    )
+
+
+__all__ = [
+    "BudgetRequest",
+    "EnergyRequest",
+    "FullRankRequest",
+    "LayerDecision",
+    "RankPlan",
+    "RankRequest",
+    "plan_for",
+]
