@@ -48,9 +48,17 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
     if load_weights and uses_external_data(model):
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (FileNotFoundError, OSError) as exc:
+        except (FileNotFoundError, OSError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{path}: external data could not be read ({_first_line(exc)})") from None
     return model
+
+
+def file_uses_external_data(path: str | os.PathLike) -> bool:
+    """True if the model file keeps (some of) its weights in external data files."""
+    try:
+        return uses_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:  # unreadable files are reported by load_model
+        return False
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:

@@ -13,7 +13,7 @@ from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape
 from onnx_lowrank.compress import CompressResult, apply_plan
 from onnx_lowrank.errors import NothingToDo, OptionError
 from onnx_lowrank.layers import find_layers
-from onnx_lowrank.model import check_output_path, load_model, model_sha256, save_model
+from onnx_lowrank.model import check_output_path, file_uses_external_data, load_model, model_sha256, save_model
 from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, RankRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
 from onnx_lowrank.search.plan import RankPlan
@@ -34,7 +34,10 @@ BUDGET_FLAGS = ("--keep-params", "--keep-flops", "--energy", "--rank", "--plan")
 @click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--inputs-as-constants", is_flag=True, help="Factorize weights that are also graph inputs (IR >= 4).")
-@click.option("--external-data/--no-external-data", default=None, help="Store weights in OUTPUT.data (default: only above 2 GB).")
+@click.option(
+    "--external-data/--no-external-data", default=None,
+    help="Store weights in OUTPUT.data (default: as the input does, and always above 2 GB).",
+)
 @input_shape_option
 @json_option
 def compress(
@@ -64,6 +67,8 @@ def compress(
         )
     with progress("factorize", len(plan.factorized())) as advance:
         result = apply_plan(model, layers, plan, on_layer=advance)
+    if external_data is None and file_uses_external_data(model_path):
+        external_data = True  # keep the input's storage layout
     save_model(result.model, output_path, overwrite=overwrite, input_path=model_path, external_data=external_data)
     report = build_report(model_path, output_path, result)
     if save_plan:

@@ -14,7 +14,7 @@ import onnx
 from onnx_lowrank.layers import Layer
 from onnx_lowrank.search import energy
 from onnx_lowrank.search.analysis import LayerAnalysis, analyze, candidate_layers
-from onnx_lowrank.search.budget import Budget
+from onnx_lowrank.search.budget import Budget, layer_cost
 from onnx_lowrank.search.plan import LayerDecision, RankPlan
 
 
@@ -47,21 +47,24 @@ class FullRankRequest:
 Request = BudgetRequest | EnergyRequest | RankRequest | FullRankRequest
 
 
-def _plan_budget(analyses: list[LayerAnalysis], request: BudgetRequest):
-    decisions, threshold = energy.search_energy(analyses, request.budget)
+def _plan_budget(analyses: list[LayerAnalysis], request: BudgetRequest, fixed: list[Layer]):
+    fixed_cost = sum(layer_cost(layer, None, request.budget.kind) for layer in fixed)
+    decisions, threshold = energy.search_energy(analyses, request.budget, fixed_cost=fixed_cost)
     return decisions, {"energy_threshold": round(threshold, 9)}, request.budget
 
 
-def _plan_energy(analyses: list[LayerAnalysis], request: EnergyRequest):
+def _plan_energy(analyses: list[LayerAnalysis], request: EnergyRequest, fixed: list[Layer]):
+    del fixed
     return energy.plan_energy(analyses, request.energy), {"energy": request.energy}, None
 
 
-def _plan_rank(analyses: list[LayerAnalysis], request: RankRequest):
+def _plan_rank(analyses: list[LayerAnalysis], request: RankRequest, fixed: list[Layer]):
+    del fixed
     return energy.plan_rank(analyses, request.rank), {"rank": request.rank}, None
 
 
-def _plan_full(analyses: list[LayerAnalysis], request: FullRankRequest):
-    del request
+def _plan_full(analyses: list[LayerAnalysis], request: FullRankRequest, fixed: list[Layer]):
+    del request, fixed
     return energy.plan_rank(analyses, None), {"rank": "full"}, None
 
 
@@ -87,8 +90,10 @@ def plan_for(
     Full rank ignores ``min_params`` too: it is for proving the rewrite exact on every layer.
     """
     floor = 0 if isinstance(request, FullRankRequest) else min_params
-    analyses = analyze(model, candidate_layers(layers, min_params=floor), on_layer=on_layer)
-    decisions, options, budget = PLANNERS[type(request)](analyses, request)
+    candidates = candidate_layers(layers, min_params=floor)
+    fixed = [layer for layer in layers if layer.supported and layer not in candidates]
+    analyses = analyze(model, candidates, on_layer=on_layer)
+    decisions, options, budget = PLANNERS[type(request)](analyses, request, fixed)
     options = {"min_params": floor, **options}
     method = "energy" if not isinstance(request, (RankRequest, FullRankRequest)) else "uniform"
     return energy.make_plan(

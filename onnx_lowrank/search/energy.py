@@ -70,17 +70,23 @@ def plan_cost(analyses: list[LayerAnalysis], decisions: dict[str, LayerDecision]
     return total
 
 
-def search_energy(analyses: list[LayerAnalysis], budget: Budget) -> tuple[dict[str, LayerDecision], float]:
+def search_energy(
+    analyses: list[LayerAnalysis], budget: Budget, *, fixed_cost: float = 0.0
+) -> tuple[dict[str, LayerDecision], float]:
     """The largest common energy threshold whose plan fits ``budget``.
 
-    Returns the decisions and the threshold. Raises :class:`BudgetError` when even rank 1
-    everywhere does not fit.
+    ``fixed_cost`` is the cost of supported layers the search may not touch (below
+    --min-params): they count in the budget's total and in what is kept, so that "keep 50%"
+    holds for every supported layer. Returns the decisions and the threshold. Raises
+    :class:`BudgetError` when even rank 1 everywhere does not fit.
     """
-    dense = sum(layer_cost(a.layer, None, budget.kind) for a in analyses)
-    limit = budget.limit(dense)
+    dense = sum(layer_cost(a.layer, None, budget.kind) for a in analyses) + fixed_cost
+    limit = budget.limit(dense) - fixed_cost
     smallest = plan_energy(analyses, 1e-12)
     smallest_cost = plan_cost(analyses, smallest, budget.kind)
     if smallest_cost > limit * (1 + 1e-12):
+        smallest_cost += fixed_cost
+        limit += fixed_cost
         raise BudgetError(
             f"budget {budget.kind} <= {_fmt(limit)} cannot be met: rank 1 in every layer still "
             f"keeps {_fmt(smallest_cost)} of {_fmt(dense)} ({smallest_cost / dense:.1%})"
