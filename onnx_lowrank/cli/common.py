@@ -132,6 +132,7 @@ def echo_json(data) -> None:
 def info(message: str) -> None:
     """A status line on stderr, silenced by --quiet."""
     if not Settings.quiet:
+        sys.stdout.flush()  # keep tables on stdout ahead of the status line
         click.echo(message, err=True)
 
 
