@@ -110,8 +110,15 @@ def layer_rows(layers: list[Layer], plan: RankPlan, report: FactorizeReport) -> 
         }
         if decision is not None:
             row.update(action="factorize", method=decision.method, rank=decision.rank)
-            row["params_after"] = int(decision.predicted.get("params", layer.factor_params(decision.rank)))
-            row["flops_after"] = decision.predicted.get("flops", layer.factor_flops(decision.rank))
+            if decision.ranks is not None:
+                row["ranks"] = list(decision.ranks)
+            stored = report.stored_values.get(layer.name, decision.predicted.get("params", 0))
+            row["params_after"] = int(stored)
+            # FLOPs: the search's prediction, else every stored value applied once per token.
+            flops = decision.predicted.get("flops")
+            if flops is None and layer.tokens is not None:
+                flops = 2 * layer.tokens * stored
+            row["flops_after"] = flops
             if "rel_error" in decision.predicted:
                 row["weight_rel_error"] = decision.predicted["rel_error"]
         else:

@@ -16,9 +16,11 @@ from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import check_output_path, file_uses_external_data, load_model, model_sha256, save_model
 from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, RankRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
+from onnx_lowrank.search.error_bound import plan_with_methods
 from onnx_lowrank.search.plan import RankPlan
 
 BUDGET_FLAGS = ("--keep-params", "--keep-flops", "--energy", "--rank", "--plan")
+METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd", "tucker", "tt")}
 
 
 @click.command()
@@ -29,6 +31,11 @@ BUDGET_FLAGS = ("--keep-params", "--keep-flops", "--energy", "--rank", "--plan")
 @click.option("--energy", type=float, metavar="E", help="Per layer, the smallest rank keeping E of the squared singular values.")
 @click.option("--rank", "rank_text", metavar="N|full", help="Uniform rank cap, or 'full' (exact rewrite of every supported layer).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=str), help="Apply this RankPlan JSON (per-layer ranks).")
+@click.option(
+    "--method", "method", default="svd", show_default=True,
+    type=click.Choice(["svd", "tucker", "tt", "auto"]),
+    help="Decomposition: svd, tucker (Conv), tt (Conv and Linear), or auto (per layer, the fewest values at the error target).",
+)
 @click.option("--min-params", default=4096, show_default=True, help="Leave layers with fewer weight values alone.")
 @click.option("--save-plan", type=click.Path(path_type=str), help="Write the plan that was applied.")
 @click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report.")
@@ -41,7 +48,7 @@ BUDGET_FLAGS = ("--keep-params", "--keep-flops", "--energy", "--rank", "--plan")
 @input_shape_option
 @json_option
 def compress(
-    model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, min_params, save_plan,
+    model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, method, min_params, save_plan,
     report_path, overwrite, inputs_as_constants, external_data, input_shapes, as_json,
 ):
     """Replace weight matrices and conv kernels of MODEL.onnx by low-rank factors.
@@ -58,8 +65,14 @@ def compress(
     if isinstance(request, RankPlan):
         plan = request
     else:
-        with progress("SVD", sum(1 for la in layers if la.supported)) as advance:
-            plan = plan_for(model, layers, request, min_params=min_params, model_sha256=sha, on_layer=advance)
+        methods = METHODS[method]
+        with progress("analyse", sum(1 for la in layers if la.supported)) as advance:
+            if methods == ("svd",):
+                plan = plan_for(model, layers, request, min_params=min_params, model_sha256=sha, on_layer=advance)
+            else:
+                plan = plan_with_methods(
+                    model, layers, request, methods, min_params=min_params, model_sha256=sha, on_layer=advance
+                )
     if not plan.factorized():
         raise NothingToDo(
             f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
@@ -140,7 +153,7 @@ def print_summary(report: dict) -> None:
             row["name"],
             row["op"],
             "x".join(str(d) for d in row["weight_shape"]),
-            str(row["rank"]),
+            str(row["rank"]) if row.get("rank") is not None else f"{row['method']} {row.get('ranks')}",
             f"{human(row['params_before'])} -> {human(row['params_after'])}",
             f"{human(row['flops_before'])} -> {human(row['flops_after'])}",
             f"{row.get('weight_rel_error', 0):.4f}",

@@ -29,7 +29,7 @@ from onnx_lowrank import graph as g
 from onnx_lowrank.decompose.svd import SVDFactors, truncated_svd
 from onnx_lowrank.errors import InputError
 from onnx_lowrank.layers import Layer, weight_matrix
-from onnx_lowrank.passes import cleanup
+from onnx_lowrank.passes import cleanup, tensor_lowerings
 from onnx_lowrank.passes.rewrite import NameAllocator, PassResult, add_initializer, copy_attributes, replace_nodes
 from onnx_lowrank.search.plan import LayerDecision, RankPlan
 
@@ -47,11 +47,11 @@ class LoweringContext:
     elem_type: int
     _stored: dict = dataclasses.field(default_factory=dict)
 
-    def initializer(self, key: str, array: np.ndarray) -> str:
-        """Store ``array`` once per ``key`` and return its tensor name."""
+    def initializer(self, key: str, array: np.ndarray, elem_type: int | None = None) -> str:
+        """Store ``array`` once per ``key`` (in the weight's type unless ``elem_type``); return its name."""
         if key not in self._stored:
             name = self.names(f"{self.layer.weight}.lowrank.{key}")
-            add_initializer(self.model, self.graph, name, array, self.elem_type)
+            add_initializer(self.model, self.graph, name, array, elem_type or self.elem_type)
             self._stored[key] = name
         return self._stored[key]
 
@@ -124,11 +124,12 @@ def _decompose_svd(matrix: np.ndarray, layer: Layer, decision: LayerDecision) ->
     return truncated_svd(matrix, decision.rank)
 
 
-DECOMPOSERS: dict[str, Decomposer] = {"svd": _decompose_svd}
+DECOMPOSERS: dict[str, Decomposer] = {"svd": _decompose_svd, **tensor_lowerings.DECOMPOSERS}
 LOWERINGS: dict[tuple[str, str], Lowering] = {
     ("Gemm", "svd"): _lower_gemm_svd,
     ("MatMul", "svd"): _lower_matmul_svd,
     ("Conv", "svd"): _lower_conv_svd,
+    **tensor_lowerings.LOWERINGS,
 }
 
 
@@ -138,6 +139,7 @@ class FactorizeReport:
 
     applied: dict[str, LayerDecision]
     not_applied: dict[str, str]
+    stored_values: dict[str, int] = dataclasses.field(default_factory=dict)  # per layer, in its factors
 
 
 def factorize(
@@ -156,6 +158,7 @@ def factorize(
     by_name = {layer.name: layer for layer in layers}
     applied: dict[str, LayerDecision] = {}
     not_applied: dict[str, str] = {}
+    stored_values: dict[str, int] = {}
     work: list[tuple[Layer, LayerDecision]] = []
     for name, decision in plan.factorized().items():
         layer = by_name.get(name)
@@ -195,6 +198,7 @@ def factorize(
             replacements[layer.scope][index] = lowering(ctx, scope.graph.node[index], factors)
         orphaned.add(layer.weight)
         applied[layer.name] = decision
+        stored_values[layer.name] = int(factors.params)
         log.info("factorized %s (%s) at rank %s", layer.name, decision.method, decision.rank or decision.ranks)
         if on_layer is not None:
             on_layer(layer)
@@ -202,7 +206,7 @@ def factorize(
     for path in sorted(scopes, key=lambda p: p.count("/") if p else -1, reverse=True):
         replace_nodes(scopes[path].graph, replacements[path])
     cleanup.remove_unused(result, orphaned)
-    return PassResult(result, bool(applied)), FactorizeReport(applied, not_applied)
+    return PassResult(result, bool(applied)), FactorizeReport(applied, not_applied, stored_values)
 
 
 def _validate_decision(layer: Layer, decision: LayerDecision) -> None:
@@ -211,7 +215,10 @@ def _validate_decision(layer: Layer, decision: LayerDecision) -> None:
         raise InputError(f"plan layer {layer.name}: unknown method {decision.method!r} (known: {known})")
     if (layer.op_type, decision.method) not in LOWERINGS:
         raise InputError(f"plan layer {layer.name}: method {decision.method} cannot lower a {layer.op_type}")
-    if decision.method == "svd":
+    if decision.method != "svd":
+        if not decision.ranks:
+            raise InputError(f"plan layer {layer.name}: {decision.method} needs \"ranks\"")
+    else:
         if decision.rank is None:
             raise InputError(f"plan layer {layer.name}: svd needs a \"rank\"")
         if decision.rank > layer.max_rank:

@@ -31,8 +31,10 @@ ACTIONS = ("factorize", "keep")
 class LayerDecision:
     """What to do with one layer.
 
-    ``rank`` is the SVD rank; ``ranks`` carries the rank tuple of multi-rank methods (Tucker,
-    tensor-train). ``predicted`` holds the search's estimates (params, flops, rel_error).
+    ``rank`` is the SVD rank; ``ranks`` carries the rank tuple of multi-rank methods (Tucker:
+    [r_out, r_in]; TT on a Conv: [r1, r2]; TT on a Linear: [1, r1, ..., 1]). ``options`` holds
+    method settings (e.g. TT's ``out_dims`` / ``in_dims``). ``predicted`` holds the search's
+    estimates (params, flops, rel_error).
     """
 
     action: str
@@ -41,6 +43,7 @@ class LayerDecision:
     ranks: tuple[int, ...] | None = None
     reason: str | None = None
     predicted: dict[str, float] = dataclasses.field(default_factory=dict)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         if self.action == "keep":
@@ -53,6 +56,8 @@ class LayerDecision:
                 out["rank"] = self.rank
             if self.ranks is not None:
                 out["ranks"] = list(self.ranks)
+            if self.options:
+                out["options"] = self.options
         if self.predicted:
             out["predicted"] = self.predicted
         return out
@@ -86,6 +91,7 @@ class LayerDecision:
             ranks=tuple(ranks) if ranks is not None else None,
             reason=data.get("reason"),
             predicted=dict(data.get("predicted", {})),
+            options=dict(data.get("options", {})),
         )
 
 
