@@ -10,8 +10,25 @@ import onnx
 from onnx_lowrank.compress import count_params
 from onnx_lowrank.decompose.svd import spectrum
 from onnx_lowrank.layers import Layer, weight_matrix
+from onnx_lowrank.search.error_bound import METHODS, choose, layer_options, methods_for
 
 ENERGY_LEVELS = (0.90, 0.99)
+
+
+def params_by_method(model: onnx.ModelProto, layer: Layer) -> dict[str, dict[str, int | None]]:
+    """Values each decomposition stores to keep 90% / 99% of the weight's energy.
+
+    Energy E means a relative Frobenius error of sqrt(1 - E). None: no factorization of that
+    kind reaches it with fewer values than the dense weight.
+    """
+    result: dict[str, dict[str, int | None]] = {}
+    for method in methods_for(layer, METHODS):
+        options = layer_options(model, layer, (method,))
+        result[method] = {}
+        for level in ENERGY_LEVELS:
+            option = choose(layer, options, math.sqrt(1 - level), "params")
+            result[method][str(round(level * 100))] = option.params if option else None
+    return result
 
 
 def inspect_model(
@@ -51,6 +68,7 @@ def inspect_model(
                 values = spectrum(weight_matrix(model, layer))
                 for level in ENERGY_LEVELS:
                     row[f"rank_energy_{round(level * 100)}"] = values.rank_for_energy(level)
+                row["params_at_energy"] = params_by_method(model, layer)
         else:
             row["reason"] = layer.skip.code
             row["detail"] = layer.skip.message

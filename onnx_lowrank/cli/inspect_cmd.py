@@ -61,6 +61,19 @@ def _print_table(result: dict) -> None:
         f"supported holding {human(totals['supported_params'])} params, "
         f"{human(totals['supported_flops'])} FLOPs per inference"
     )
+    by_method = [row for row in result["layers"] if row.get("params_at_energy")]
+    if by_method:
+        methods = Table(title="values stored to keep 90% / 99% of the energy (- : not smaller than dense)", title_justify="left")
+        methods.add_column("layer", overflow="fold")
+        for name in ("svd", "tucker", "tt"):
+            methods.add_column(name, justify="right")
+        for row in by_method:
+            cells = []
+            for name in ("svd", "tucker", "tt"):
+                levels = row["params_at_energy"].get(name)
+                cells.append(" / ".join(human(v) if v else "-" for v in levels.values()) if levels else "n/a")
+            methods.add_row(row["name"], *cells)
+        out.print(methods)
     skipped = [row for row in result["layers"] if not row["supported"]]
     for row in skipped:
         out.print(f"  skipped {row['name']}: {row['detail']}")
