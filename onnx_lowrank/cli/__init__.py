@@ -19,6 +19,12 @@ from onnx_lowrank.cli.common import LowRankGroup, Settings
 COMMANDS = (
     ("inspect", "onnx_lowrank.cli.inspect_cmd", "inspect"),
     ("compress", "onnx_lowrank.cli.compress_cmd", "compress"),
+    ("search", "onnx_lowrank.cli.search_cmd", "search"),
+    ("fold", "onnx_lowrank.cli.fold_cmd", "fold"),
+    ("validate", "onnx_lowrank.cli.validate_cmd", "validate"),
+    ("bench", "onnx_lowrank.cli.bench_cmd", "bench"),
+    ("check", "onnx_lowrank.cli.check_cmd", "check"),
+    ("report", "onnx_lowrank.cli.report_cmd", "report"),
 )
 
 

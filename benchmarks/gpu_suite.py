@@ -1,0 +1,329 @@
+"""Every GPU latency figure in one run: original vs compressed models on the CUDA EP.
+
+Usage:
+    python benchmarks/gpu_suite.py                          # H100 + onnxruntime-gpu, < 10 min
+    python benchmarks/gpu_suite.py --provider cpu --quick   # the same code path on a CPU
+    OUT=/some/dir python benchmarks/gpu_suite.py [--only NAME ...] [--iters N] [--cuda-graph]
+
+For each model of ``MODEL_BUILDERS`` (the four digits sample models, a BERT-large-like MLP
+block stack 1024 -> 4096 -> 1024 over 128 tokens and a 4096 x 4096 MatMul over 128 tokens per
+sample, so 8192 tokens at batch 64; random weights, seeded) it compresses the model to 50% and
+30% of its factorizable parameters with the library (``plan_for`` + ``apply_plan``), then times
+original vs compressed interleaved with I/O binding at batch 1 and 64, with TF32 on and off on
+the CUDA EP, each pair twice (to show reproducibility), and reports the measured speedup next to
+the ideal one (the FLOP ratio of the factorized layers). Results go to ``$OUT`` (default
+./out) as ``gpu_suite.json`` and ``gpu_suite.md``.
+
+It fails loudly (exit 2) when CUDA was asked for and is not the provider actually used.
+
+Adding a model (all-MiniLM-L6-v2, say): write ``def build_x(quick: bool) -> ModelCase`` and
+append it to ``MODEL_BUILDERS``; a builder that raises ``SkipCase`` (e.g. a file not present)
+is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lowrank.compress import apply_plan
+from onnx_lowrank.errors import LowRankError
+from onnx_lowrank.layers import find_layers
+from onnx_lowrank.search import BudgetRequest, plan_for
+from onnx_lowrank.search.budget import fraction_budget
+from onnx_lowrank.validate.data import load_dataset
+from onnx_lowrank.validate.latency import measure_pair
+from onnx_lowrank.validate.runtime import PROVIDERS, RuntimeOptions, check_provider, runtime_info
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+KEPT = (0.5, 0.3)
+
+
+class SkipCase(Exception):
+    """A builder cannot provide its model here (missing file or dependency)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """A model to benchmark: its graph, inputs per batch size, and shapes for FLOP counts."""
+
+    name: str
+    model: onnx.ModelProto
+    feeds_for: Callable[[int], dict[str, np.ndarray]]
+    flop_shapes: dict[str, tuple[int, ...]]  # input shapes at batch 1 (FLOP ratio is per sample)
+    batches: tuple[int, ...] = (1, 64)
+    min_params: int = 4096
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model builders
+
+
+def _sample(name: str, key: str) -> Callable[[bool], ModelCase]:
+    def build(quick: bool) -> ModelCase:
+        del quick
+        from onnx_lowrank.model import load_model
+        from onnx_lowrank.validate.runtime import input_specs
+
+        path = SAMPLES / f"{name}.onnx"
+        if not path.exists():
+            raise SkipCase(f"{path} not found")
+        model = load_model(path)
+        dataset = load_dataset(SAMPLES / "digits_test.npz", input_specs(model), input_map={"input": key}, want_labels=False)
+        shape = (1, *dataset.feeds["input"].shape[1:])
+        return ModelCase(name, model, dataset.take, {"input": shape}, note="digits sample model")
+
+    build.__name__ = f"build_{name}"
+    return build
+
+
+def build_bert_large_mlp(quick: bool) -> ModelCase:
+    """BERT-large-like FFN blocks: x + W2 relu(W1 x + b1) + b2, hidden 1024, inner 4096."""
+    hidden, inner, tokens, blocks = (128, 512, 16, 2) if quick else (1024, 4096, 128, 4)
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    current = "x"
+    for i in range(blocks):
+        w1 = _weight(rng, hidden, inner)
+        w2 = _weight(rng, inner, hidden)
+        inits += [
+            numpy_helper.from_array(w1, f"w1_{i}"), numpy_helper.from_array(np.zeros(inner, np.float32), f"b1_{i}"),
+            numpy_helper.from_array(w2, f"w2_{i}"), numpy_helper.from_array(np.zeros(hidden, np.float32), f"b2_{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [current, f"w1_{i}"], [f"h{i}"], name=f"fc1_{i}"),
+            helper.make_node("Add", [f"h{i}", f"b1_{i}"], [f"hb{i}"]),
+            helper.make_node("Relu", [f"hb{i}"], [f"a{i}"]),
+            helper.make_node("MatMul", [f"a{i}", f"w2_{i}"], [f"o{i}"], name=f"fc2_{i}"),
+            helper.make_node("Add", [f"o{i}", f"b2_{i}"], [f"ob{i}"]),
+            helper.make_node("Add", [current, f"ob{i}"], [f"r{i}"]),
+        ]
+        current = f"r{i}"
+    nodes[-1].output[0] = "y"
+    model = _model(nodes, inits, "x", ["batch", tokens, hidden], "bert_large_mlp")
+    return ModelCase(
+        "bert_large_mlp" + ("_quick" if quick else ""), model, _random_feeds("x", (tokens, hidden)),
+        {"x": (1, tokens, hidden)}, note=f"{blocks} x ({hidden}->{inner}->{hidden}), {tokens} tokens per sample",
+    )
+
+
+def build_big_matmul(quick: bool) -> ModelCase:
+    """One 4096 x 4096 MatMul over 128 tokens per sample (8192 tokens at batch 64)."""
+    width, tokens = (256, 16) if quick else (4096, 128)
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(_weight(rng, width, width), "w")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="big")]
+    model = _model(nodes, inits, "x", ["batch", tokens, width], "big_matmul")
+    return ModelCase(
+        "big_matmul" + ("_quick" if quick else ""), model, _random_feeds("x", (tokens, width)), {"x": (1, tokens, width)},
+        note=f"{width}x{width} MatMul, {tokens} tokens per sample",
+    )
+
+
+# The hook: every model the suite measures. Append a builder to add one.
+MODEL_BUILDERS: list[Callable[[bool], ModelCase]] = [
+    _sample("digits_mlp", "input_flat"),
+    _sample("digits_cnn", "input_image"),
+    _sample("digits_resnet", "input_image"),
+    _sample("digits_transformer", "input_image"),
+    build_bert_large_mlp,
+    build_big_matmul,
+]
+
+
+def _weight(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
+    """A (fan_in, fan_out) weight with a decaying spectrum, like trained layers (not flat noise)."""
+    rank = min(fan_in, fan_out)
+    left = np.linalg.qr(rng.standard_normal((fan_in, rank)))[0]
+    right = np.linalg.qr(rng.standard_normal((fan_out, rank)))[0]
+    sigma = (1.0 + np.arange(rank)) ** -0.7
+    return (left * sigma @ right.T).astype(np.float32)
+
+
+def _model(nodes, inits, input_name: str, shape: list, name: str) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)  # every case keeps the input's shape
+    graph = helper.make_graph(nodes, name, [x], [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _random_feeds(name: str, sample_shape: tuple[int, ...]) -> Callable[[int], dict[str, np.ndarray]]:
+    def feeds(batch: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(batch)
+        return {name: rng.standard_normal((batch, *sample_shape)).astype(np.float32)}
+
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def compress_case(case: ModelCase, kept: float) -> tuple[onnx.ModelProto, float | None, dict]:
+    """The case compressed to ``kept`` of its factorizable params; the ideal (FLOP) speedup."""
+    layers = find_layers(case.model, case.flop_shapes)
+    budget = fraction_budget("params", kept, flag="kept")
+    plan = plan_for(case.model, layers, BudgetRequest(budget), min_params=case.min_params)
+    result = apply_plan(case.model, layers, plan)
+    totals = result.totals
+    ideal = None
+    if totals.get("layer_flops_after"):
+        ideal = totals["layer_flops_before"] / totals["layer_flops_after"]
+    return result.model, ideal, totals
+
+
+def run(args: argparse.Namespace) -> dict:
+    names = set(args.only or [])
+    tf32_modes = (True, False) if args.provider == "cuda" else (True,)
+    rows, skipped = [], []
+    started = time.perf_counter()
+    expected = PROVIDERS[args.provider]
+    check_provider(RuntimeOptions(provider=args.provider))  # before minutes of compressing
+    for builder in MODEL_BUILDERS:
+        try:
+            case = builder(args.quick)
+        except SkipCase as exc:
+            skipped.append({"builder": builder.__name__, "reason": str(exc)})
+            print(f"skip {builder.__name__}: {exc}", file=sys.stderr)
+            continue
+        if names and case.name not in names:
+            continue
+        for kept in KEPT:
+            t0 = time.perf_counter()
+            compressed, ideal, totals = compress_case(case, kept)
+            compress_s = time.perf_counter() - t0
+            for batch in case.batches:
+                feeds = case.feeds_for(batch)
+                for tf32 in tf32_modes:
+                    options = RuntimeOptions(
+                        provider=args.provider, threads=args.threads, tf32=tf32, cuda_graph=args.cuda_graph
+                    )
+                    for repeat in (1, 2):
+                        pair = measure_pair(
+                            case.model, compressed, feeds, options=options, warmup=args.warmup, iters=args.iters,
+                            labels=("original", f"{kept:.0%} params"),
+                        )
+                        if pair.a.provider != expected:
+                            raise SystemExit(f"error: asked for {expected} but the session ran on {pair.a.provider}")
+                        low, high = pair.iqr
+                        row = {
+                            "model": case.name, "kept_params": kept, "batch": batch,
+                            "tf32": tf32 if args.provider != "cpu" else None, "repeat": repeat,
+                            "provider_used": pair.a.provider,
+                            "p50_original_ms": round(pair.a.p50, 5), "p50_compressed_ms": round(pair.b.p50, 5),
+                            "speedup": round(pair.speedup, 4), "speedup_iqr": [round(low, 4), round(high, 4)],
+                            "ideal_flop_speedup": round(ideal, 4) if ideal else None,
+                            "params_kept": round(totals["model_params_after"] / totals["model_params_before"], 4),
+                            "layers_factorized": totals["layers_factorized"], "compress_s": round(compress_s, 2),
+                        }
+                        rows.append(row)
+                        print(_progress_line(row), file=sys.stderr, flush=True)
+    return {
+        "suite": "gpu_suite",
+        "quick": args.quick,
+        "provider": args.provider,
+        "settings": {"warmup": args.warmup, "iters": args.iters, "threads": args.threads, "cuda_graph": args.cuda_graph},
+        "runtime": runtime_info(),
+        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "gpu": _gpu_name()},
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def _progress_line(row: dict) -> str:
+    tf32 = "" if row["tf32"] is None else f" tf32={'on' if row['tf32'] else 'off'}"
+    return (
+        f"{row['model']:<22} kept={row['kept_params']:.0%} batch={row['batch']:<3}{tf32} #{row['repeat']}: "
+        f"{row['p50_original_ms']:.4f} -> {row['p50_compressed_ms']:.4f} ms, speedup {row['speedup']:.3f}x "
+        f"(IQR {row['speedup_iqr'][0]:.3f}-{row['speedup_iqr'][1]:.3f}), ideal {row['ideal_flop_speedup'] or float('nan'):.2f}x"
+    )
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# gpu_suite ({result['provider']}{', quick' if result['quick'] else ''})",
+        "",
+        f"onnxruntime {result['runtime']['onnxruntime']}, {result['machine']['gpu'] or result['machine']['platform']}, "
+        f"{result['settings']['iters']} interleaved pairs after {result['settings']['warmup']} warm-up runs, "
+        f"I/O binding{', CUDA graphs' if result['settings']['cuda_graph'] else ''}; {result['seconds']} s.",
+        "Speedup = time(original) / time(compressed), median of per-pair ratios (IQR); ideal = FLOP ratio of the "
+        "factorized layers. Each configuration measured twice (run 1 / run 2).",
+        "",
+        "| model | kept | batch | TF32 | p50 orig (ms) | p50 comp (ms) | speedup run 1 | speedup run 2 | ideal |",
+        "|---|---:|---:|:---:|---:|---:|---:|---:|---:|",
+    ]
+    grouped: dict[tuple, list[dict]] = {}
+    for row in result["rows"]:
+        grouped.setdefault((row["model"], row["kept_params"], row["batch"], row["tf32"]), []).append(row)
+    for (model, kept, batch, tf32), runs in grouped.items():
+        speeds = [f"{r['speedup']:.3f} ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f})" for r in runs]
+        speeds += [""] * (2 - len(speeds))
+        ideal = runs[0]["ideal_flop_speedup"]
+        tf = "-" if tf32 is None else ("on" if tf32 else "off")
+        lines.append(
+            f"| {model} | {kept:.0%} | {batch} | {tf} | {runs[0]['p50_original_ms']:.4f} | {runs[0]['p50_compressed_ms']:.4f} "
+            f"| {speeds[0]} | {speeds[1]} | {f'{ideal:.2f}' if ideal else '?'} |"
+        )
+    for skip in result["skipped"]:
+        lines.append(f"\nskipped {skip['builder']}: {skip['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def _gpu_name() -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Original vs compressed latency on the CUDA EP (or the CPU).")
+    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cuda")
+    parser.add_argument("--quick", action="store_true", help="Small synthetic models and few iterations (for CPU tests).")
+    parser.add_argument("--only", nargs="*", metavar="NAME", help="Only these cases (by name).")
+    parser.add_argument("--iters", type=int, help="Timed pairs per configuration (default 100, quick 10).")
+    parser.add_argument("--warmup", type=int, help="Untimed runs per model (default 20, quick 3).")
+    parser.add_argument("--threads", type=int, help="Intra-op threads (default: onnxruntime's).")
+    parser.add_argument("--cuda-graph", action="store_true", help="CUDA EP enable_cuda_graph.")
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="Output directory (default $OUT or ./out).")
+    args = parser.parse_args(argv)
+    args.iters = args.iters or (10 if args.quick else 100)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 20)
+    try:
+        result = run(args)
+    except LowRankError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_suite.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "gpu_suite.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'} in {result['seconds']} s", file=sys.stderr)
+    if not result["rows"]:
+        print("error: nothing was measured", file=sys.stderr)
+        return 1
+    return 0 if all(math.isfinite(r["speedup"]) for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
