@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from onnx_lowrank import __version__
-from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape_option, json_option, progress
+from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, progress
+from onnx_lowrank.cli.validate_cmd import data_options, make_dataset, make_runtime, runtime_options
 from onnx_lowrank.compress import CompressResult, apply_plan
 from onnx_lowrank.errors import NothingToDo, OptionError
 from onnx_lowrank.layers import find_layers
@@ -18,6 +19,9 @@ from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, R
 from onnx_lowrank.search.budget import fraction_budget
 from onnx_lowrank.search.error_bound import plan_with_methods
 from onnx_lowrank.search.plan import RankPlan
+from onnx_lowrank.validate.accuracy import compare_models
+from onnx_lowrank.validate.latency import measure_pair
+from onnx_lowrank.validate.runtime import check_provider
 
 BUDGET_FLAGS = ("--keep-params", "--keep-flops", "--energy", "--rank", "--plan")
 METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd", "tucker", "tt")}
@@ -45,11 +49,16 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
     "--external-data/--no-external-data", default=None,
     help="Store weights in OUTPUT.data (default: as the input does, and always above 2 GB).",
 )
-@input_shape_option
+@click.option("--validate", "run_validation", is_flag=True,
+              help="After writing, compare outputs with the original and time both (interleaved) on --provider.")
+@data_options
+@runtime_options
+@click.option("--bench-batch", default=1, show_default=True, help="Batch size for --validate's latency comparison.")
 @json_option
 def compress(
     model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, method, min_params, save_plan,
-    report_path, overwrite, inputs_as_constants, external_data, input_shapes, as_json,
+    report_path, overwrite, inputs_as_constants, external_data, run_validation, data_path, random_n, labels_path,
+    labels_key, input_map, input_shapes, seed, provider, threads, tf32, spin, bench_batch, as_json,
 ):
     """Replace weight matrices and conv kernels of MODEL.onnx by low-rank factors.
 
@@ -57,6 +66,9 @@ def compress(
     """
     request = _request(keep_params, keep_flops, energy, rank_text, plan_path)
     check_output_path(Path(output_path), overwrite=overwrite, input_path=model_path)
+    runtime = make_runtime(provider, threads, tf32, spin)
+    if run_validation:
+        check_provider(runtime)  # fail before any work, never time the CPU instead
     model = load_model(model_path)
     layers = find_layers(model, input_shapes, treat_inputs_as_constants=inputs_as_constants)
     if not any(layer.supported for layer in layers):
@@ -84,6 +96,11 @@ def compress(
         external_data = True  # keep the input's storage layout
     save_model(result.model, output_path, overwrite=overwrite, input_path=model_path, external_data=external_data)
     report = build_report(model_path, output_path, result)
+    if run_validation:
+        dataset = make_dataset(
+            model_path, data_path, random_n, labels_path, labels_key, input_map, input_shapes, seed, default_random=64
+        )
+        report.update(validate_and_time(model_path, output_path, dataset, runtime, batch=bench_batch))
     if save_plan:
         plan.save(save_plan)
     if report_path:
@@ -92,6 +109,8 @@ def compress(
         echo_json(report)
     else:
         print_summary(report)
+        if "validation" in report:
+            print_validation(report)
         info(f"wrote {output_path}")
 
 
@@ -118,6 +137,39 @@ def _request(keep_params, keep_flops, energy, rank_text, plan_path):
             raise OptionError(f"--rank must be a positive integer or 'full', got {rank_text!r}")
         return RankRequest(int(rank_text))
     return RankPlan.load(plan_path)
+
+
+def validate_and_time(model_path: str, output_path: str, dataset, runtime, *, batch: int) -> dict:
+    """Accuracy against the original and an interleaved latency comparison, as report sections."""
+    comparison = compare_models(model_path, output_path, dataset, options=runtime)
+    timing = measure_pair(model_path, output_path, dataset.take(batch), options=runtime, labels=("original", "compressed"))
+    return {
+        "validation": {"data": dataset.to_json(), **comparison.to_json()},
+        "latency": {"batch": batch, **timing.to_json()},
+    }
+
+
+def print_validation(report: dict) -> None:
+    """One line per output, then the measured speedup."""
+    out = console()
+    for row in report["validation"]["outputs"]:
+        agreement = row.get("top1_agreement")
+        out.print(
+            f"validation {row['name']}: rel. L2 error {row['rel_l2_error']:.4g}, cosine {row['cosine']:.5f}"
+            + (f", top-1 agreement {agreement:.2%}" if agreement is not None else "")
+        )
+    accuracy = report["validation"].get("accuracy")
+    if accuracy:
+        out.print(
+            f"accuracy: original {accuracy['original']:.2%} -> compressed {accuracy['compressed']:.2%} "
+            f"(drop {accuracy['drop_points']:.2f} points)"
+        )
+    latency = report["latency"]
+    low, high = latency["speedup_iqr"]
+    out.print(
+        f"latency at batch {latency['batch']} on {latency['a']['provider']}: {latency['speedup']:.2f}x "
+        f"(IQR {low:.2f}-{high:.2f}; > 1 means the compressed model is faster)"
+    )
 
 
 def build_report(model_path: str, output_path: str, result: CompressResult) -> dict:

@@ -210,3 +210,25 @@ def test_input_file_never_modified(tmp_path, model_path):
     shutil.copy(model_path, copy)
     assert invoke("compress", model_path, "-o", tmp_path / "o.onnx", "--rank", 4).exit_code == 0
     assert model_path.read_bytes() == copy.read_bytes()
+
+
+def test_compress_validate_reports_accuracy_and_latency(tmp_path):
+    out, report = tmp_path / "v.onnx", tmp_path / "v.json"
+    result = invoke(
+        "compress", SAMPLES / "digits_mlp.onnx", "-o", out, "--keep-params", 0.5, "--validate",
+        "--data", SAMPLES / "digits_test.npz", "--report", report, "--bench-batch", 4,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    accuracy = data["validation"]["accuracy"]
+    assert accuracy["samples"] == 360 and 0.9 < accuracy["original"] <= 1.0
+    assert data["validation"]["outputs"][0]["top1_agreement"] > 0.9
+    assert data["latency"]["speedup"] > 0 and data["latency"]["a"]["provider"] == "CPUExecutionProvider"
+
+
+def test_compress_validate_on_missing_provider_fails_before_writing(tmp_path, model_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("CUDA is available here")
+    assert "CUDAExecutionProvider" in _bad(tmp_path, model_path, "--rank", 4, "--validate", "--provider", "cuda")
