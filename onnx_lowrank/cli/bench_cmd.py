@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from onnx_lowrank import __version__
-from onnx_lowrank.cli.common import console, echo_json, info, input_shape_option, json_option, progress
-from onnx_lowrank.cli.validate_cmd import make_runtime, runtime_options, write_json
+from onnx_lowrank.cli.common import console, echo_json, info, input_shape_option, json_option, progress, write_json
+from onnx_lowrank.cli.validate_cmd import make_runtime, runtime_options
 from onnx_lowrank.errors import OptionError
 from onnx_lowrank.validate import latency
 from onnx_lowrank.validate.data import load_dataset, parse_input_map, random_feeds

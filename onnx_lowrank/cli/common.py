@@ -129,6 +129,21 @@ def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=_json_default))
 
 
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically (temporary file + rename)."""
+    from pathlib import Path
+
+    from onnx_lowrank.errors import OptionError
+
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OptionError(f"{path}: directory {parent} does not exist")
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, target)
+
+
 def info(message: str) -> None:
     """A status line on stderr, silenced by --quiet."""
     if not Settings.quiet:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
 from onnx_lowrank import __version__
-from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, progress
+from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, progress, write_json
 from onnx_lowrank.cli.validate_cmd import data_options, make_dataset, make_runtime, runtime_options
 from onnx_lowrank.compress import CompressResult, apply_plan
 from onnx_lowrank.errors import NothingToDo, OptionError
@@ -104,7 +103,7 @@ def compress(
     if save_plan:
         plan.save(save_plan)
     if report_path:
-        _write_json(report_path, report)
+        write_json(report_path, report)
     if as_json:
         echo_json(report)
     else:
@@ -229,10 +228,3 @@ def _size_with_data(path: str) -> int:
     size = os.path.getsize(path)
     data = path + ".data"
     return size + (os.path.getsize(data) if os.path.exists(data) else 0)
-
-
-def _write_json(path: str, data: dict) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, target)

@@ -5,15 +5,12 @@ Also home of the data and runtime options that ``bench`` and ``check`` share.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import click
 
 from onnx_lowrank import __version__
-from onnx_lowrank.cli.common import console, echo_json, info, input_shape_option, json_option, progress
+from onnx_lowrank.cli.common import console, echo_json, info, input_shape_option, json_option, progress, write_json
 from onnx_lowrank.errors import CheckFailed, OptionError
 from onnx_lowrank.validate.accuracy import ComparisonResult, Thresholds, check_thresholds, compare_models
 from onnx_lowrank.validate.data import Dataset, load_dataset, parse_input_map, random_dataset
@@ -168,22 +165,3 @@ def print_comparison(result: ComparisonResult) -> None:
         )
     runtime = result.runtime
     out.print(f"provider {runtime['provider_used']}, threads {runtime['threads']}, onnxruntime {runtime['onnxruntime']}")
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise OptionError(f"{path}: directory {parent} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, target)
-
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
