@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from onnx_lowrank import __version__
-from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape_option, json_option
+from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape_option, json_option, write_json
 from onnx_lowrank.errors import InputError, NothingToDo, OptionError
 from onnx_lowrank.fold import FoldReport, fold_model, inspect_groups
 from onnx_lowrank.model import check_output_path, load_model, save_model
@@ -82,9 +82,9 @@ def fold(
     save_model(folded, output_path, overwrite=overwrite, input_path=model_path, external_data=external_data)
     data = build_report(model_path, output_path, report)
     if save_widths:
-        _write_json(save_widths, report.widths())
+        write_json(save_widths, report.widths())
     if report_path:
-        _write_json(report_path, data)
+        write_json(report_path, data)
     if as_json:
         echo_json(data)
     else:
@@ -206,10 +206,3 @@ def _size_with_data(path: str) -> int:
     size = os.path.getsize(path)
     data = path + ".data"
     return size + (os.path.getsize(data) if os.path.exists(data) else 0)
-
-
-def _write_json(path: str, data: dict) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, target)

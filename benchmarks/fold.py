@@ -1,0 +1,219 @@
+"""Model folding vs magnitude pruning vs SVD (and fold + SVD) on the digits sample models.
+
+    python benchmarks/fold.py [--keeps 0.9,0.7,0.5,0.3] [--models digits_mlp,digits_cnn] [--repeats 300]
+
+Prints markdown tables (paste into benchmarks/RESULTS.md):
+
+1. Per neuron budget ``keep`` (every foldable group keeps ceil(keep x width) channels): digits
+   test accuracy of fold without repair, fold with repair, magnitude (L1) pruning at the same
+   widths, data-free SVD (``compress --keep-params``) tuned to the same *model* parameter count,
+   and fold + SVD at that count (fold to a wider keep, then SVD down to the count; the split is
+   picked on the calibration split ``digits_calib.npz``, never on the test set).
+2. At 30% of the model's parameters: fold + repair with the model-wide budget allocation
+   (``--keep-params``), magnitude pruning with the same allocation, SVD alone, fold + SVD.
+3. onnxruntime CPU latency at equal parameters (fold + repair vs SVD at the ``keep`` 0.5 count),
+   timed interleaved in one process; ratio > 1 means the folded model is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnx_lowrank.compress import apply_plan, count_params
+from onnx_lowrank.errors import BudgetError
+from onnx_lowrank.fold import fold_model
+from onnx_lowrank.layers import find_layers
+from onnx_lowrank.model import load_model
+from onnx_lowrank.search import BudgetRequest, plan_for
+from onnx_lowrank.search.budget import fraction_budget
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+MODELS = {
+    "digits_mlp": "input_flat",
+    "digits_cnn": "input_image",
+    "digits_resnet": "input_image",
+    "digits_transformer": "input_image",
+}
+SPLITS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)  # fold keeps tried before SVD in fold + SVD
+MIN_PARAMS = 4096  # compress's default --min-params
+
+
+def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def accuracy(model: onnx.ModelProto, data) -> float:
+    inputs, labels = data
+    logits = session(model, threads=2).run(None, {"input": inputs})[0]
+    return float((logits.argmax(1) == labels).mean())
+
+
+def svd(model: onnx.ModelProto, fraction: float) -> onnx.ModelProto | None:
+    """``compress --keep-params fraction`` through the library; None when nothing is factorized."""
+    layers = find_layers(model)
+    plan = plan_for(model, layers, BudgetRequest(fraction_budget("params", fraction, flag="x")), min_params=MIN_PARAMS)
+    if not plan.factorized():
+        return None
+    return apply_plan(model, layers, plan).model
+
+
+def svd_to_params(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
+    """The SVD-compressed model with the most parameters not above ``target`` (bisection on the
+    budget fraction); None when no budget gets there."""
+    if count_params(model) <= target:
+        return model
+    best, low, high = None, 0.0, 1.0
+    for _ in range(11):  # budget resolution 1/2048
+        middle = (low + high) / 2
+        candidate = svd(model, middle) if middle > 0 else None
+        if candidate is not None and count_params(candidate) <= target:
+            best, low = candidate, middle
+        else:
+            high = middle
+    return best
+
+
+def fold_to_params(model: onnx.ModelProto, target: int, **kw) -> onnx.ModelProto | None:
+    """Fold with the model-wide budget allocation, bisected to at most ``target`` model parameters."""
+    best, low, high = None, 0.0, 1.0
+    for _ in range(11):  # budget resolution 1/2048
+        middle = (low + high) / 2
+        try:
+            candidate, _ = fold_model(model, keep_params=middle, **kw) if middle > 0 else (None, None)
+        except BudgetError:
+            candidate = None
+        if candidate is not None and count_params(candidate) <= target:
+            best, low = candidate, middle
+        else:
+            high = middle
+    return best
+
+
+def fold_then_svd(model, target: int, calib, *, above: float) -> tuple[onnx.ModelProto | None, float | None]:
+    """Fold to a keep in SPLITS (above ``above``), then SVD down to ``target`` params; the split
+    with the best calibration accuracy wins."""
+    best, best_split, best_score = None, None, -1.0
+    for split in SPLITS:
+        if split <= above:
+            continue
+        folded, _ = fold_model(model, keep=split)
+        candidate = svd_to_params(folded, target)
+        if candidate is None:
+            continue
+        score = accuracy(candidate, calib)
+        if score > best_score:
+            best, best_split, best_score = candidate, split, score
+    return best, best_split
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def accuracy_table(names, keeps, tests, calibs) -> dict:
+    print("| model | keep neurons | model params kept | fold | fold + repair | magnitude prune | SVD (same params) "
+          "| fold + SVD (fold keep) |")
+    print("|---|---|---|---|---|---|---|---|")
+    at_half = {}
+    for name in names:
+        model = load_model(SAMPLES / f"{name}.onnx")
+        total = count_params(model)
+        print(f"| {name} | 1.0 (original) | 100% | {accuracy(model, tests[name]):.4f} | | | | |")
+        for keep in keeps:
+            plain, _ = fold_model(model, keep=keep, repair=False)
+            repaired, _ = fold_model(model, keep=keep, repair=True)
+            pruned, _ = fold_model(model, keep=keep, method="magnitude")
+            target = count_params(repaired)
+            factorized = svd_to_params(model, target)
+            combined, split = fold_then_svd(model, target, calibs[name], above=keep)
+            if keep == 0.5:
+                at_half[name] = (model, repaired, factorized, target / total)
+            combo = f"{fmt(accuracy(combined, tests[name]))} ({split})" if combined is not None else "n/a"
+            svd_text = fmt(accuracy(factorized, tests[name])) if factorized is not None else "n/a"
+            print(
+                f"| {name} | {keep} | {target / total:.1%} | {accuracy(plain, tests[name]):.4f} "
+                f"| {accuracy(repaired, tests[name]):.4f} | {accuracy(pruned, tests[name]):.4f} "
+                f"| {svd_text} | {combo} |"
+            )
+    return at_half
+
+
+def params_table(names, fraction, tests, calibs) -> None:
+    print(f"\n| model | model params kept (target {fraction:.0%}) | fold + repair (budget) | magnitude (budget) "
+          "| SVD | fold + SVD (fold keep) |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        model = load_model(SAMPLES / f"{name}.onnx")
+        target = int(fraction * count_params(model))
+        folded = fold_to_params(model, target)
+        pruned = fold_to_params(model, target, method="magnitude")
+        factorized = svd_to_params(model, target)
+        combined, split = fold_then_svd(model, target, calibs[name], above=0.0)
+        kept = [count_params(m) / count_params(model) for m in (folded, factorized, combined) if m is not None]
+        cells = [fmt(accuracy(m, tests[name])) if m is not None else "n/a (cannot reach)" for m in (folded, pruned, factorized)]
+        combo = f"{fmt(accuracy(combined, tests[name]))} ({split})" if combined is not None else "n/a"
+        print(f"| {name} | {min(kept):.1%}-{max(kept):.1%} | {' | '.join(cells)} | {combo} |")
+
+
+def interleaved(models: dict[str, onnx.ModelProto], feed: np.ndarray, repeats: int) -> dict[str, float]:
+    """Median latency (us) of each model, run in turn so that machine noise hits all alike."""
+    sessions = {name: session(m) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for sess in sessions.values():  # warm-up
+        for _ in range(10):
+            sess.run(None, {"input": feed})
+    order = list(sessions)
+    for repeat in range(repeats):
+        for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            started = time.perf_counter()
+            sessions[name].run(None, {"input": feed})
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) * 1e6 for name, values in times.items()}
+
+
+def latency_table(at_half: dict, tests, repeats: int) -> None:
+    print("\n| model | params kept | batch | original (us) | fold + repair (us) | SVD (us) | SVD / fold |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (model, folded, factorized, kept) in at_half.items():
+        if factorized is None:
+            continue
+        for batch in (1, 64):
+            feed = tests[name][0][:batch]
+            result = interleaved({"original": model, "fold": folded, "svd": factorized}, feed, repeats)
+            print(
+                f"| {name} | {kept:.1%} | {batch} | {result['original']:.1f} | {result['fold']:.1f} "
+                f"| {result['svd']:.1f} | {result['svd'] / result['fold']:.2f}x |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keeps", default="0.9,0.7,0.5,0.3")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--params", type=float, default=0.3, help="model-params fraction of the second table")
+    parser.add_argument("--repeats", type=int, default=300)
+    args = parser.parse_args()
+    keeps = [float(k) for k in args.keeps.split(",")]
+    names = args.models.split(",")
+    test, calib = np.load(SAMPLES / "digits_test.npz"), np.load(SAMPLES / "digits_calib.npz")
+    tests = {name: (test[MODELS[name]], test["labels"]) for name in names}
+    calibs = {name: (calib[MODELS[name]], calib["labels"]) for name in names}
+    print(f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, seed 0\n")
+    at_half = accuracy_table(names, keeps, tests, calibs)
+    params_table(names, args.params, tests, calibs)
+    latency_table(at_half, tests, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
