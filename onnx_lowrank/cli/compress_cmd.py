@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,12 +11,12 @@ import click
 from onnx_lowrank import __version__
 from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, progress, write_json
 from onnx_lowrank.cli.validate_cmd import data_options, make_dataset, make_runtime, runtime_options
-from onnx_lowrank.compress import CompressResult, apply_plan
+from onnx_lowrank.compress import CompressResult, apply_plan, count_params
 from onnx_lowrank.errors import NothingToDo, OptionError
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import check_output_path, file_uses_external_data, load_model, model_sha256, save_model
 from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, RankRequest, plan_for
-from onnx_lowrank.search.budget import fraction_budget
+from onnx_lowrank.search.budget import Budget, fraction_budget, layer_cost
 from onnx_lowrank.search.error_bound import plan_with_methods
 from onnx_lowrank.search.plan import RankPlan
 from onnx_lowrank.validate.accuracy import compare_models
@@ -39,6 +40,8 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
     type=click.Choice(["svd", "tucker", "tt", "auto"]),
     help="Decomposition: svd, tucker (Conv), tt (Conv and Linear), or auto (per layer, the fewest values at the error target).",
 )
+@click.option("--fold", "fold_keep", type=float, metavar="F",
+              help="Fold first (each foldable group keeps F of its neurons, k-means + repair), then factorize.")
 @click.option("--min-params", default=4096, show_default=True, help="Leave layers with fewer weight values alone.")
 @click.option("--save-plan", type=click.Path(path_type=str), help="Write the plan that was applied.")
 @click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report.")
@@ -55,7 +58,7 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @click.option("--bench-batch", default=1, show_default=True, help="Batch size for --validate's latency comparison.")
 @json_option
 def compress(
-    model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, method, min_params, save_plan,
+    model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, method, fold_keep, min_params, save_plan,
     report_path, overwrite, inputs_as_constants, external_data, run_validation, data_path, random_n, labels_path,
     labels_key, input_map, input_shapes, seed, provider, threads, tf32, spin, bench_batch, as_json,
 ):
@@ -68,8 +71,18 @@ def compress(
     runtime = make_runtime(provider, threads, tf32, spin)
     if run_validation:
         check_provider(runtime)  # fail before any work, never time the CPU instead
-    model = load_model(model_path)
+    original = model = load_model(model_path)
+    fold_report = None
+    fold_widths = request.options.get("fold") if isinstance(request, RankPlan) else None
+    if fold_keep is not None or fold_widths:
+        model, fold_report = _fold(model, fold_keep, fold_widths, seed, input_shapes)
     layers = find_layers(model, input_shapes, treat_inputs_as_constants=inputs_as_constants)
+    original_layers = layers
+    if fold_report is not None:
+        original_layers = find_layers(original, input_shapes, treat_inputs_as_constants=inputs_as_constants)
+        if isinstance(request, BudgetRequest) and request.budget.fraction is not None:
+            # The budget is a fraction of the ORIGINAL layers: what folding saved counts.
+            request = BudgetRequest(_absolute_budget(request.budget, original_layers))
     if not any(layer.supported for layer in layers):
         raise NothingToDo(f"{model_path}: nothing to compress (no supported Gemm/MatMul/Conv layer); no file written")
     sha = model_sha256(model_path)
@@ -84,7 +97,9 @@ def compress(
                 plan = plan_with_methods(
                     model, layers, request, methods, min_params=min_params, model_sha256=sha, on_layer=advance
                 )
-    if not plan.factorized():
+    if fold_report is not None:
+        plan = dataclasses.replace(plan, options={**plan.options, "fold": fold_report.widths()})
+    if not plan.factorized() and not (fold_report and fold_report.modified):
         raise NothingToDo(
             f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
             "or at/above its break-even rank); no file written"
@@ -95,6 +110,14 @@ def compress(
         external_data = True  # keep the input's storage layout
     save_model(result.model, output_path, overwrite=overwrite, input_path=model_path, external_data=external_data)
     report = build_report(model_path, output_path, result)
+    if fold_report is not None:
+        report["fold"] = fold_report.to_json()
+        totals = report["totals"]
+        totals["model_params_before"] = count_params(original)
+        supported = [layer for layer in original_layers if layer.supported]
+        totals["layer_params_before"] = sum(layer.params for layer in supported)
+        if "layer_flops_before" in totals:
+            totals["layer_flops_before"] = sum(layer.flops or 0 for layer in supported)
     if run_validation:
         dataset = make_dataset(
             model_path, data_path, random_n, labels_path, labels_key, input_map, input_shapes, seed, default_random=64
@@ -111,6 +134,22 @@ def compress(
         if "validation" in report:
             print_validation(report)
         info(f"wrote {output_path}")
+
+
+def _absolute_budget(budget: Budget, layers) -> Budget:
+    total = sum(layer_cost(layer, None, budget.kind) for layer in layers if layer.supported)
+    return Budget(budget.kind, absolute=budget.fraction * total)
+
+
+def _fold(model, keep, widths, seed, input_shapes):
+    """Fold first: by a neuron fraction, or re-applying a plan's recorded widths."""
+    from onnx_lowrank.fold import fold_model
+
+    if keep is not None:
+        if not 0 < keep <= 1:
+            raise OptionError(f"--fold must be in (0, 1], got {keep}")
+        return fold_model(model, keep=keep, seed=seed, input_shapes=input_shapes)
+    return fold_model(model, widths=widths, seed=seed, input_shapes=input_shapes)
 
 
 def _request(keep_params, keep_flops, energy, rank_text, plan_path):

@@ -232,3 +232,28 @@ def test_compress_validate_on_missing_provider_fails_before_writing(tmp_path, mo
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("CUDA is available here")
     assert "CUDAExecutionProvider" in _bad(tmp_path, model_path, "--rank", 4, "--validate", "--provider", "cuda")
+
+
+def test_fold_then_factorize_budget_counts_from_the_original_and_plan_replays(tmp_path):
+    out, plan = tmp_path / "f.onnx", tmp_path / "f.json"
+    result = invoke(
+        "compress", SAMPLES / "digits_cnn.onnx", "-o", out, "--fold", 0.8, "--keep-params", 0.3,
+        "--save-plan", plan, "--json",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    totals = report["totals"]
+    assert totals["layer_params_after"] <= 0.3 * totals["layer_params_before"] + 1
+    assert totals["layer_params_before"] == 93728  # the original's supported layers, not the folded ones
+    groups = json.loads(plan.read_text())["options"]["fold"]["groups"]
+    assert groups["/conv2/Conv"] == {"keep": 52, "of": 64}  # ceil(0.8 * 64)
+    again = tmp_path / "again.onnx"
+    assert invoke("compress", SAMPLES / "digits_cnn.onnx", "-o", again, "--plan", plan).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_inspect_lists_foldable_groups(tmp_path):
+    result = invoke("inspect", SAMPLES / "digits_resnet.onnx", "--json", "--no-spectrum")
+    groups = {g["name"]: g for g in json.loads(result.output)["fold"]["groups"]}
+    assert groups["/block1/conv1/Conv"]["foldable"]
+    assert groups["/stem/stem.0/Conv"]["reason"] == "residual_add"
