@@ -25,6 +25,7 @@ COMMANDS = (
     ("bench", "onnx_lowrank.cli.bench_cmd", "bench"),
     ("check", "onnx_lowrank.cli.check_cmd", "check"),
     ("report", "onnx_lowrank.cli.report_cmd", "report"),
+    ("finetune", "onnx_lowrank.cli.finetune_cmd", "finetune"),
 )
 
 

@@ -48,7 +48,12 @@ class ReferenceSession:
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self._session.run(self.output_names, dict(feeds))))
+        try:
+            outputs = self._session.run(self.output_names, dict(feeds))
+        except Exception as exc:  # wrong input names/shapes/dtypes, or the graph fails on them
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"onnxruntime cannot run the model on these inputs ({text})") from None
+        return dict(zip(self.output_names, outputs))
 
     def run_batched(self, feeds: Mapping[str, np.ndarray], batch_size: int = 256) -> dict[str, np.ndarray]:
         """Run ``feeds`` (batch first) in slices of ``batch_size`` samples and concatenate."""

@@ -1,0 +1,55 @@
+"""Tiny ONNX graphs for the torch-side tests, and a reference run on onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 9  # onnx 1.23 stamps IR 14, which onnxruntime 1.31 refuses
+
+
+def make_model(nodes, inputs, outputs, initializers=(), *, opset=17, check=True):
+    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def tensor(name, array):
+    return numpy_helper.from_array(np.array(array, order="C"), name)  # keeps 0-d arrays 0-d
+
+
+def value(name, shape, elem_type=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem_type, shape)
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def mlp(seed: int = 0, *, n_in: int = 16, hidden: int = 32, n_out: int = 6, rank: int | None = None) -> onnx.ModelProto:
+    """Gemm-Relu-Gemm (transB=1) with biases; with ``rank`` the first weight has exactly that rank."""
+    rng = np.random.default_rng(seed)
+    if rank is None:
+        w1 = rng.standard_normal((hidden, n_in)) / np.sqrt(n_in)
+    else:
+        w1 = rng.standard_normal((hidden, rank)) @ rng.standard_normal((rank, n_in)) / np.sqrt(n_in * rank)
+    w2 = rng.standard_normal((n_out, hidden)) / np.sqrt(hidden)
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    inits = [
+        tensor("W1", w1.astype(np.float32)),
+        tensor("b1", (0.1 * rng.standard_normal(hidden)).astype(np.float32)),
+        tensor("W2", w2.astype(np.float32)),
+        tensor("b2", (0.1 * rng.standard_normal(n_out)).astype(np.float32)),
+    ]
+    return make_model(nodes, [value("x", ["batch", n_in])], [value("y", ["batch", n_out])], inits)
