@@ -251,10 +251,9 @@ def _print_plan(row: dict, plan: RankPlan) -> None:
     from rich.table import Table
 
     table = Table(title=f"plan ({plan.method}, {row['label']})", title_justify="left")
-    for column, justify in (
-        ("layer", "left"), ("action", "left"), ("rank", "right"), ("params", "right"), ("pred. error", "right"),
-        ("latency ms", "right"),
-    ):
+    timed = any("latency_ms" in d.predicted for d in plan.factorized().values())
+    columns = [("layer", "left"), ("method", "left"), ("rank", "right"), ("params", "right"), ("pred. error", "right")]
+    for column, justify in columns + ([("latency ms", "right")] if timed else []):
         table.add_column(column, justify=justify, overflow="fold")
     kept: dict[str, int] = {}
     for name, decision in plan.layers.items():
@@ -266,12 +265,14 @@ def _print_plan(row: dict, plan: RankPlan) -> None:
         latency = (
             f"{predicted['dense_latency_ms']:.4f} -> {predicted['latency_ms']:.4f}" if "latency_ms" in predicted else ""
         )
-        table.add_row(
-            name, decision.method, str(decision.rank), human(predicted.get("params")),
-            f"{error:.4f}" if error is not None else "", latency,
-        )
+        cells = [name, decision.method, str(decision.rank), human(predicted.get("params"))]
+        cells.append(f"{error:.4f}" if error is not None else "")
+        table.add_row(*cells, *([latency] if timed else []))
     out = console()
-    out.print(table)
+    if plan.factorized():
+        out.print(table)
+    else:
+        out.print(f"plan ({plan.method}, {row['label']}): every candidate layer stays dense (the budget does not bind)")
     out.print(_totals_line(row["totals"]))
     if kept:
         out.print("kept dense: " + ", ".join(f"{count} {reason}" for reason, count in sorted(kept.items())))

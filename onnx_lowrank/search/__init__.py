@@ -2,6 +2,10 @@
 
 Requests are explicit types, never a number whose meaning depends on its Python type. Each
 request type maps to one planning function in ``PLANNERS``.
+
+The search methods (energy, global, continuous, calibrated, plugins) run through
+:func:`search_plan` / :func:`search_sweep` (:mod:`onnx_lowrank.search.engine`); the methods are
+listed by :mod:`onnx_lowrank.search.registry`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import onnx
 from onnx_lowrank.layers import Layer
 from onnx_lowrank.search import energy
 from onnx_lowrank.search.analysis import LayerAnalysis, analyze, candidate_layers
-from onnx_lowrank.search.budget import Budget, layer_cost
+from onnx_lowrank.search.budget import Budget, layer_cost, parse_budget
+from onnx_lowrank.search.engine import plan_totals, prepare_search, run_search, search_plan, search_sweep
+from onnx_lowrank.search.method import SearchContext, SearchMethod
 from onnx_lowrank.search.plan import LayerDecision, RankPlan
 
 
@@ -102,11 +108,20 @@ def plan_for(
 
 
 __all__ = [
+    "Budget",
     "BudgetRequest",
     "EnergyRequest",
     "FullRankRequest",
     "LayerDecision",
     "RankPlan",
     "RankRequest",
+    "SearchContext",
+    "SearchMethod",
+    "parse_budget",
     "plan_for",
+    "plan_totals",
+    "prepare_search",
+    "run_search",
+    "search_plan",
+    "search_sweep",
 ]

@@ -3,6 +3,11 @@
 Parsed once at the CLI boundary into a frozen :class:`Budget`; the searches only ever see the
 typed value. ``params=0.4`` keeps 40% (a fraction in (0, 1]); ``params=2.5M`` is an absolute
 count (suffix k, M or G, or a plain integer above 1).
+
+``latency-ms=1.8`` is always absolute: the candidate layers together, each timed as a one-node
+model on the chosen execution provider, take at most 1.8 ms (the rest of the model is not
+counted). ``latency-ms=60%`` keeps 60% of their dense latency. Latency budgets need measured
+tables (``search --provider``); :func:`layer_cost` cannot price them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import re
 from onnx_lowrank.errors import OptionError
 from onnx_lowrank.layers import Layer
 
-KINDS = ("params", "flops")
+KINDS = ("params", "flops", "latency-ms")
+ABSOLUTE_ONLY_KINDS = ("latency-ms",)  # a plain number is an amount, never a fraction
 _SUFFIX = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
 _BUDGET_RE = re.compile(r"^(?P<kind>[a-z-]+)=(?P<num>\d+(?:\.\d+)?|\.\d+)(?P<suffix>[kKMG%]?)$")
 
@@ -45,9 +51,15 @@ def parse_budget(text: str, *, flag: str = "--budget") -> Budget:
     if not match or match.group("kind") not in KINDS:
         raise OptionError(
             f"{flag} {text!r}: expected KIND=VALUE with KIND in {', '.join(KINDS)}, "
-            "e.g. params=0.4, flops=50% or params=1.5M"
+            "e.g. params=0.4, flops=50%, params=1.5M or latency-ms=2.5"
         )
     kind, number, suffix = match.group("kind"), float(match.group("num")), match.group("suffix")
+    if kind in ABSOLUTE_ONLY_KINDS and suffix not in ("", "%"):
+        raise OptionError(f"{flag} {text!r}: {kind} takes milliseconds (e.g. {kind}=2.5) or a percentage")
+    if kind in ABSOLUTE_ONLY_KINDS and suffix == "":
+        if number <= 0:
+            raise OptionError(f"{flag} {text!r}: the latency must be positive")
+        return Budget(kind, absolute=number)
     if suffix == "%":
         number /= 100
         suffix = ""
@@ -77,4 +89,6 @@ def layer_cost(layer: Layer, rank: int | None, kind: str) -> float:
                 "pin dynamic dimensions with --input-shape NAME=1x3x224x224"
             )
         return float(layer.flops if rank is None else layer.factor_flops(rank))
+    if kind == "latency-ms":
+        raise OptionError("a latency budget needs measured latency tables: give --provider")
     raise OptionError(f"unknown budget kind {kind!r}")
