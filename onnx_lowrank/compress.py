@@ -40,10 +40,14 @@ def apply_plan(
     plan: RankPlan,
     *,
     on_layer: Callable[[Layer], None] | None = None,
+    decomposers: dict | None = None,
 ) -> CompressResult:
-    """Factorize ``model`` per ``plan``, check the result and collect before/after figures."""
+    """Factorize ``model`` per ``plan``, check the result and collect before/after figures.
+
+    ``decomposers``: data-dependent methods, see :func:`onnx_lowrank.passes.factorize.factorize`.
+    """
     started = time.perf_counter()
-    result, report = factorize(model, layers, plan, on_layer=on_layer)
+    result, report = factorize(model, layers, plan, on_layer=on_layer, decomposers=decomposers)
     if result.modified:
         verify(model, result.model)
     seconds = time.perf_counter() - started

@@ -98,6 +98,19 @@ def _parse_shapes(ctx, param, values) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_pairs(texts, flag: str) -> dict[str, str]:
+    """Repeated ``KEY=VALUE`` options into a dict; a malformed one is an error naming ``flag``."""
+    from onnx_lowrank.errors import OptionError
+
+    pairs = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"{flag} {text!r}: expected KEY=VALUE")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
 def show_progress() -> bool:
     """Progress bars only on an interactive terminal, never in CI or with --quiet."""
     return not Settings.quiet and sys.stderr.isatty() and not os.environ.get("CI")

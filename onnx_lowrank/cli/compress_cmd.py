@@ -9,14 +9,16 @@ from pathlib import Path
 import click
 
 from onnx_lowrank import __version__
-from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, progress, write_json
+from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, parse_pairs, progress, write_json
 from onnx_lowrank.cli.validate_cmd import data_options, make_dataset, make_runtime, runtime_options
 from onnx_lowrank.compress import CompressResult, apply_plan, count_params
 from onnx_lowrank.errors import NothingToDo, OptionError
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import check_output_path, file_uses_external_data, load_model, model_sha256, save_model
-from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, RankRequest, plan_for
-from onnx_lowrank.search.budget import Budget, fraction_budget, layer_cost
+from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, RankRequest, plan_for, registry
+from onnx_lowrank.search.budget import Budget, fraction_budget, layer_cost, parse_budget
+from onnx_lowrank.search.cache import open_cache
+from onnx_lowrank.search.engine import search_plan
 from onnx_lowrank.search.error_bound import plan_with_methods
 from onnx_lowrank.search.plan import RankPlan
 from onnx_lowrank.validate.accuracy import compare_models
@@ -35,6 +37,14 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @click.option("--energy", type=float, metavar="E", help="Per layer, the smallest rank keeping E of the squared singular values.")
 @click.option("--rank", "rank_text", metavar="N|full", help="Uniform rank cap, or 'full' (exact rewrite of every supported layer).")
 @click.option("--plan", "plan_path", type=click.Path(path_type=str), help="Apply this RankPlan JSON (per-layer ranks).")
+@click.option("--search", "search_method", metavar="METHOD",
+              help="Plan with a search method (global, continuous, calibrated, ...; see `search --list-methods`).")
+@click.option("--budget", "budget_text", metavar="KIND=VALUE", help="The --search budget: params=0.4, flops=50%, latency-ms=2.5.")
+@click.option("--option", "option_texts", multiple=True, metavar="KEY=VALUE", help="A --search method option (repeatable).")
+@click.option("--calib", "calib_path", type=click.Path(path_type=str),
+              help="Calibration inputs (.npz) for --search calibrated, or to reproduce a calibrated --plan.")
+@click.option("--calib-random", type=int, metavar="N", help="N random calibration inputs instead of --calib (a weak proxy).")
+@click.option("--latency-guard", is_flag=True, help="--search never picks a rank that measures slower than dense on --provider.")
 @click.option(
     "--method", "method", default="svd", show_default=True,
     type=click.Choice(["svd", "tucker", "tt", "auto"]),
@@ -58,7 +68,8 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @click.option("--bench-batch", default=1, show_default=True, help="Batch size for --validate's latency comparison.")
 @json_option
 def compress(
-    model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, method, fold_keep, min_params, save_plan,
+    model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, search_method, budget_text,
+    option_texts, calib_path, calib_random, latency_guard, method, fold_keep, min_params, save_plan,
     report_path, overwrite, inputs_as_constants, external_data, run_validation, data_path, random_n, labels_path,
     labels_key, input_map, input_shapes, seed, provider, threads, tf32, spin, bench_batch, as_json,
 ):
@@ -66,7 +77,12 @@ def compress(
 
     Exactly one of --keep-params, --keep-flops, --energy, --rank or --plan says how much.
     """
-    request = _request(keep_params, keep_flops, energy, rank_text, plan_path)
+    if search_method is not None:
+        request = _search_budget(budget_text, keep_params, keep_flops, energy, rank_text, plan_path)
+    elif budget_text is not None:
+        raise OptionError("--budget goes with --search (or use --keep-params / --keep-flops)")
+    else:
+        request = _request(keep_params, keep_flops, energy, rank_text, plan_path)
     check_output_path(Path(output_path), overwrite=overwrite, input_path=model_path)
     runtime = make_runtime(provider, threads, tf32, spin)
     if run_validation:
@@ -86,8 +102,14 @@ def compress(
     if not any(layer.supported for layer in layers):
         raise NothingToDo(f"{model_path}: nothing to compress (no supported Gemm/MatMul/Conv layer); no file written")
     sha = model_sha256(model_path)
+    calibration = _calibration(model, calib_path, calib_random, input_map, seed, input_shapes)
     if isinstance(request, RankPlan):
         plan = request
+    elif search_method is not None:
+        plan = _search(
+            model, layers, search_method, request, option_texts, calibration, min_params=min_params, seed=seed,
+            model_sha256=sha, provider=provider if latency_guard else None, input_shapes=input_shapes,
+        )
     else:
         methods = METHODS[method]
         with progress("analyse", sum(1 for la in layers if la.supported)) as advance:
@@ -104,8 +126,9 @@ def compress(
             f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
             "or at/above its break-even rank); no file written"
         )
+    decomposers = _data_decomposers(model, layers, plan, calibration)
     with progress("factorize", len(plan.factorized())) as advance:
-        result = apply_plan(model, layers, plan, on_layer=advance)
+        result = apply_plan(model, layers, plan, on_layer=advance, decomposers=decomposers)
     if external_data is None and file_uses_external_data(model_path):
         external_data = True  # keep the input's storage layout
     save_model(result.model, output_path, overwrite=overwrite, input_path=model_path, external_data=external_data)
@@ -150,6 +173,55 @@ def _fold(model, keep, widths, seed, input_shapes):
             raise OptionError(f"--fold must be in (0, 1], got {keep}")
         return fold_model(model, keep=keep, seed=seed, input_shapes=input_shapes)
     return fold_model(model, widths=widths, seed=seed, input_shapes=input_shapes)
+
+
+def _search_budget(budget_text, keep_params, keep_flops, energy, rank_text, plan_path) -> Budget:
+    if energy is not None or rank_text is not None or plan_path is not None:
+        raise OptionError("--search takes --budget (or --keep-params / --keep-flops), not --energy, --rank or --plan")
+    given = [v for v in (budget_text, keep_params, keep_flops) if v is not None]
+    if len(given) != 1:
+        raise OptionError("--search needs exactly one of --budget, --keep-params or --keep-flops")
+    if budget_text is not None:
+        return parse_budget(budget_text)
+    if keep_params is not None:
+        return fraction_budget("params", keep_params, flag="--keep-params")
+    return fraction_budget("flops", keep_flops, flag="--keep-flops")
+
+
+def _search(model, layers, method, budget, option_texts, calibration, **prepare) -> RankPlan:
+    """Plan with a registered search method (progress bars for the analysis)."""
+    chosen = registry.get_method(method, flag="--search")
+    if chosen.needs_calibration and calibration is None:
+        raise OptionError(f"--search {method} needs calibration data: give --calib data.npz (or --calib-random N)")
+    options = chosen.resolve_options(parse_pairs(option_texts, "--option"))
+    return search_plan(model, layers, chosen, budget, options, cache=open_cache(), calibration=calibration,
+                       progress=progress, **prepare)
+
+
+def _calibration(model, calib_path, calib_random, input_map, seed, input_shapes):
+    """Calibration inputs from --calib (matched with --input-map) or --calib-random, or None."""
+    if calib_path and calib_random:
+        raise OptionError("give one of --calib or --calib-random, not both")
+    if not (calib_path or calib_random):
+        return None
+    from onnx_lowrank.calibrate import load_calibration, random_calibration
+
+    if calib_path:
+        return load_calibration(calib_path, model, input_map=parse_pairs(input_map, "--input-map"))
+    info(f"warning: {calib_random} random calibration inputs are a weak proxy for real data; prefer --calib")
+    return random_calibration(model, calib_random, seed=seed, input_shapes=input_shapes)
+
+
+def _data_decomposers(model, layers, plan: RankPlan, calibration) -> dict | None:
+    """Decomposers for the plan's data-dependent methods (whitened SVD needs covariances)."""
+    from onnx_lowrank.search.calibrated import WHITENED, covariances_for_plan, plan_damping, whitened_decomposer
+
+    if not any(d.method == WHITENED for d in plan.factorized().values()):
+        return None
+    if calibration is None:
+        raise OptionError("the plan has calibrated (svd-whitened) layers: give the --calib data it was made with")
+    covariances = covariances_for_plan(model, layers, plan, calibration)
+    return {WHITENED: whitened_decomposer(covariances, plan_damping(plan))}
 
 
 def _request(keep_params, keep_flops, energy, rank_text, plan_path):
@@ -246,7 +318,7 @@ def print_summary(report: dict) -> None:
             str(row["rank"]) if row.get("rank") is not None else f"{row['method']} {row.get('ranks')}",
             f"{human(row['params_before'])} -> {human(row['params_after'])}",
             f"{human(row['flops_before'])} -> {human(row['flops_after'])}",
-            f"{row.get('weight_rel_error', 0):.4f}",
+            f"{row['weight_rel_error']:.4f}" if "weight_rel_error" in row else "-",
         )
     out = console()
     out.print(table)

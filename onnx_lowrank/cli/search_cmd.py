@@ -15,7 +15,16 @@ from pathlib import Path
 
 import click
 
-from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape_option, json_option, progress
+from onnx_lowrank.cli.common import (
+    console,
+    echo_json,
+    human,
+    info,
+    input_shape_option,
+    json_option,
+    parse_pairs,
+    progress,
+)
 from onnx_lowrank.errors import NothingToDo, OptionError, OutputError
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import check_output_path, load_model, model_sha256, save_model
@@ -75,7 +84,7 @@ def search(
     if model_path is None:
         raise OptionError("give MODEL.onnx (or --list-methods)")
     chosen = registry.get_method(method)
-    options = chosen.resolve_options(_pairs(option_texts, "--option"))
+    options = chosen.resolve_options(parse_pairs(option_texts, "--option"))
     if calib_path and calib_random:
         raise OptionError("give one of --calib or --calib-random, not both")
     if chosen.needs_calibration and not (calib_path or calib_random):
@@ -116,16 +125,6 @@ def search(
         _print_plan(rows[0], results[0][1])
     else:
         _print_sweep(report)
-
-
-def _pairs(texts, flag: str) -> dict[str, str]:
-    pairs = {}
-    for text in texts:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"{flag} {text!r}: expected KEY=VALUE")
-        pairs[key.strip()] = value.strip()
-    return pairs
 
 
 def _budgets(budget_text: str | None, sweep_text: str | None) -> list[Budget]:
@@ -197,7 +196,7 @@ def _calibration(model, calib_path, input_map_texts, calib_random, seed, input_s
     from onnx_lowrank.calibrate import load_calibration, random_calibration
 
     if calib_path:
-        return load_calibration(calib_path, model, input_map=_pairs(input_map_texts, "--input-map"))
+        return load_calibration(calib_path, model, input_map=parse_pairs(input_map_texts, "--input-map"))
     info(f"warning: {calib_random} random calibration inputs are a weak proxy for real data; prefer --calib")
     return random_calibration(model, calib_random, seed=seed, input_shapes=input_shapes)
 
@@ -221,13 +220,13 @@ def _write(model_path, model, layers, target: Target, plan: RankPlan, totals: di
 
 
 def _apply(model, layers, plan: RankPlan, ctx):
-    from onnx_lowrank.search.calibrated import WHITENED, apply_calibrated_plan
-
-    if any(d.method == WHITENED for d in plan.factorized().values()):
-        return apply_calibrated_plan(model, layers, plan, ctx.calibration.covariances)
     from onnx_lowrank.compress import apply_plan
+    from onnx_lowrank.search.calibrated import WHITENED, plan_damping, whitened_decomposer
 
-    return apply_plan(model, layers, plan)
+    decomposers = None
+    if any(d.method == WHITENED for d in plan.factorized().values()):
+        decomposers = {WHITENED: whitened_decomposer(ctx.calibration.covariances, plan_damping(plan))}
+    return apply_plan(model, layers, plan, decomposers=decomposers)
 
 
 def _list_methods(as_json: bool) -> None:

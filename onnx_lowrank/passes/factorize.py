@@ -124,6 +124,10 @@ def _decompose_svd(matrix: np.ndarray, layer: Layer, decision: LayerDecision) ->
     return truncated_svd(matrix, decision.rank)
 
 
+# Methods whose factors need per-run data (calibration covariances): the caller passes their
+# decomposer to :func:`factorize`; they lower like the method they produce factors for.
+DATA_DEPENDENT = {"svd-whitened": "svd"}
+
 DECOMPOSERS: dict[str, Decomposer] = {"svd": _decompose_svd, **tensor_lowerings.DECOMPOSERS}
 LOWERINGS: dict[tuple[str, str], Lowering] = {
     ("Gemm", "svd"): _lower_gemm_svd,
@@ -131,6 +135,9 @@ LOWERINGS: dict[tuple[str, str], Lowering] = {
     ("Conv", "svd"): _lower_conv_svd,
     **tensor_lowerings.LOWERINGS,
 }
+for _method, _base in DATA_DEPENDENT.items():
+    for _op in ("Gemm", "MatMul", "Conv"):
+        LOWERINGS[(_op, _method)] = LOWERINGS[(_op, _base)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +155,18 @@ def factorize(
     plan: RankPlan,
     *,
     on_layer: Callable[[Layer], None] | None = None,
+    decomposers: dict[str, Decomposer] | None = None,
 ) -> tuple[PassResult, FactorizeReport]:
     """Apply ``plan`` to a copy of ``model``; the input model is not modified.
+
+    ``decomposers`` adds data-dependent methods (e.g. ``svd-whitened`` with the calibration
+    covariances) to the built-in table.
 
     Raises :class:`InputError` when the plan asks for an impossible rank or an unknown
     method; layers the plan names but the model lacks (or cannot factorize) are reported in
     ``not_applied`` rather than failing, so a plan can be re-applied to a re-export.
     """
+    available = {**DECOMPOSERS, **(decomposers or {})}
     by_name = {layer.name: layer for layer in layers}
     applied: dict[str, LayerDecision] = {}
     not_applied: dict[str, str] = {}
@@ -168,7 +180,7 @@ def factorize(
         if not layer.supported:
             not_applied[name] = layer.skip.code
             continue
-        _validate_decision(layer, decision)
+        _validate_decision(layer, decision, available)
         work.append((layer, decision))
 
     result = onnx.ModelProto()
@@ -183,7 +195,7 @@ def factorize(
     orphaned: set[str] = set()
     for layer, decision in work:
         scope = scopes[layer.scope]
-        factors = DECOMPOSERS[decision.method](weight_matrix(result, layer), layer, decision)
+        factors = available[decision.method](weight_matrix(result, layer), layer, decision)
         ctx = LoweringContext(
             model=result,
             graph=scope.graph,
@@ -209,13 +221,18 @@ def factorize(
     return PassResult(result, bool(applied)), FactorizeReport(applied, not_applied, stored_values)
 
 
-def _validate_decision(layer: Layer, decision: LayerDecision) -> None:
-    if decision.method not in DECOMPOSERS:
-        known = ", ".join(sorted(DECOMPOSERS))
+def _validate_decision(layer: Layer, decision: LayerDecision, available: dict[str, Decomposer]) -> None:
+    if decision.method in DATA_DEPENDENT and decision.method not in available:
+        raise InputError(
+            f"plan layer {layer.name}: method {decision.method} needs the calibration data the plan was made "
+            "with (give --calib)"
+        )
+    if decision.method not in available:
+        known = ", ".join(sorted(available))
         raise InputError(f"plan layer {layer.name}: unknown method {decision.method!r} (known: {known})")
     if (layer.op_type, decision.method) not in LOWERINGS:
         raise InputError(f"plan layer {layer.name}: method {decision.method} cannot lower a {layer.op_type}")
-    if decision.method != "svd":
+    if DATA_DEPENDENT.get(decision.method, decision.method) != "svd":
         if not decision.ranks:
             raise InputError(f"plan layer {layer.name}: {decision.method} needs \"ranks\"")
     else:

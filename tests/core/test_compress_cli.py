@@ -257,3 +257,33 @@ def test_inspect_lists_foldable_groups(tmp_path):
     groups = {g["name"]: g for g in json.loads(result.output)["fold"]["groups"]}
     assert groups["/block1/conv1/Conv"]["foldable"]
     assert groups["/stem/stem.0/Conv"]["reason"] == "residual_add"
+
+
+def test_compress_search_global_meets_budget(tmp_path):
+    out = tmp_path / "g.onnx"
+    result = invoke("compress", SAMPLES / "digits_mlp.onnx", "-o", out, "--search", "global", "--budget", "params=0.3",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["plan"]["method"] == "global"
+    assert report["totals"]["layer_params_after"] <= 0.3 * report["totals"]["layer_params_before"]
+
+
+def test_calibrated_plan_reapplies_only_with_its_calibration_data(tmp_path):
+    calib = SAMPLES / "digits_calib.npz"
+    direct, replay, plan = tmp_path / "d.onnx", tmp_path / "r.onnx", tmp_path / "p.json"
+    common = ["--input-map", "input=input_flat", "--calib", calib]
+    result = invoke("compress", SAMPLES / "digits_mlp.onnx", "-o", direct, "--search", "calibrated",
+                    "--keep-params", 0.2, "--save-plan", plan, *common)
+    assert result.exit_code == 0, result.output
+    methods = {d.get("method") for d in json.loads(plan.read_text())["layers"].values()}
+    assert "svd-whitened" in methods
+    assert invoke("compress", SAMPLES / "digits_mlp.onnx", "-o", replay, "--plan", plan, *common).exit_code == 0
+    assert replay.read_bytes() == direct.read_bytes()
+    assert "give the --calib data" in _bad(tmp_path, SAMPLES / "digits_mlp.onnx", "--plan", plan)
+
+
+def test_search_flags_are_checked(tmp_path, model_path):
+    assert "--budget goes with --search" in _bad(tmp_path, model_path, "--budget", "params=0.5")
+    assert "needs calibration data" in _bad(tmp_path, model_path, "--search", "calibrated", "--keep-params", 0.5)
+    assert "unknown" in _bad(tmp_path, model_path, "--search", "nonsense", "--keep-params", 0.5).lower()
