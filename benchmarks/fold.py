@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,8 @@ from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import load_model
 from onnx_lowrank.search import BudgetRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
+from onnx_lowrank.validate.latency import measure_interleaved
+from onnx_lowrank.validate.runtime import RuntimeOptions, create_session
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 MODELS = {
@@ -46,16 +46,9 @@ SPLITS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)  # fold keeps tried before SVD in fold 
 MIN_PARAMS = 4096  # compress's default --min-params
 
 
-def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def accuracy(model: onnx.ModelProto, data) -> float:
     inputs, labels = data
-    logits = session(model, threads=2).run(None, {"input": inputs})[0]
+    (logits,) = create_session(model, RuntimeOptions(threads=2)).run({"input": inputs}).values()
     return float((logits.argmax(1) == labels).mean())
 
 
@@ -168,18 +161,11 @@ def params_table(names, fraction, tests, calibs) -> None:
 
 def interleaved(models: dict[str, onnx.ModelProto], feed: np.ndarray, repeats: int) -> dict[str, float]:
     """Median latency (us) of each model, run in turn so that machine noise hits all alike."""
-    sessions = {name: session(m) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for sess in sessions.values():  # warm-up
-        for _ in range(10):
-            sess.run(None, {"input": feed})
-    order = list(sessions)
-    for repeat in range(repeats):
-        for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
-            started = time.perf_counter()
-            sessions[name].run(None, {"input": feed})
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) * 1e6 for name, values in times.items()}
+    timings = measure_interleaved(
+        list(models.values()), {"input": feed}, options=RuntimeOptions(threads=1), warmup=10, iters=repeats,
+        labels=list(models),
+    )
+    return {timing.label: timing.p50 * 1e3 for timing in timings}
 
 
 def latency_table(at_half: dict, tests, repeats: int) -> None:

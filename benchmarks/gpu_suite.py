@@ -45,7 +45,7 @@ from onnx_lowrank.search import BudgetRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
 from onnx_lowrank.validate.data import load_dataset
 from onnx_lowrank.validate.latency import measure_pair
-from onnx_lowrank.validate.runtime import PROVIDERS, RuntimeOptions, check_provider, runtime_info
+from onnx_lowrank.validate.runtime import PROVIDERS, RuntimeOptions, check_provider, gpu_name, runtime_info
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
         "provider": args.provider,
         "settings": {"warmup": args.warmup, "iters": args.iters, "threads": args.threads, "cuda_graph": args.cuda_graph},
         "runtime": runtime_info(),
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "gpu": _gpu_name()},
+        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "gpu": gpu_name()},
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
         "skipped": skipped,
@@ -282,17 +282,6 @@ def markdown(result: dict) -> str:
     for skip in result["skipped"]:
         lines.append(f"\nskipped {skip['builder']}: {skip['reason']}")
     return "\n".join(lines) + "\n"
-
-
-def _gpu_name() -> str | None:
-    import subprocess
-
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from onnx_lowrank.calibrate import load_calibration, make_calibration  # noqa: E402
+from onnx_lowrank.calibrate import load_calibration  # noqa: E402
 from onnx_lowrank.compress import apply_plan  # noqa: E402
 from onnx_lowrank.errors import LowRankError  # noqa: E402
 from onnx_lowrank.layers import find_layers  # noqa: E402
@@ -47,6 +47,7 @@ from onnx_lowrank.search import plan_totals, prepare_search, run_search  # noqa:
 from onnx_lowrank.search.budget import Budget  # noqa: E402
 from onnx_lowrank.search.calibrated import WHITENED, apply_calibrated_plan  # noqa: E402
 from onnx_lowrank.search.registry import discover  # noqa: E402
+from onnx_lowrank.validate.data import Dataset  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 MODELS = {
@@ -244,7 +245,7 @@ def minilm(fractions, methods, work: Path) -> None:
         emb = embed(m)
         return float(np.mean(np.sum(emb * reference, axis=1))), float(np.mean(_nearest(emb) == nearest))
 
-    calibration = make_calibration(encode(calibration_text), source="pydoc_data.topics[100:228]")
+    calibration = Dataset(encode(calibration_text), source="pydoc_data.topics[100:228]")
     supported = [la for la in layers if la.supported]
     print(
         f"## all-MiniLM-L6-v2 ({len(supported)} supported MatMul layers, "

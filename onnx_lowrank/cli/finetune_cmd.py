@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
 
-from onnx_lowrank.cli.common import console, echo_json, info, json_option, progress
+from onnx_lowrank.cli.common import console, echo_json, info, json_option, progress, write_json
 from onnx_lowrank.errors import UnsupportedError
 from onnx_lowrank.model import check_output_path, file_uses_external_data, load_model, save_model
 
@@ -85,10 +83,7 @@ def finetune(
         **result.to_json(),
     }
     if report_path:
-        target = Path(report_path)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, target)
+        write_json(report_path, report)
     if as_json:
         echo_json(report)
         return

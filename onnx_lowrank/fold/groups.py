@@ -624,13 +624,22 @@ def _rule_squeeze(walk: _Walk, index: int, node, states) -> _Outcome:
         if dims is None or any(d is None for d in dims):
             return Skip("unknown_shape", f"Squeeze {walk.label(index)}: which axes are squeezed is unknown")
         axes = [i for i, d in enumerate(dims) if d == 1]
+    moved = _without_axes(state, rank, axes)
+    if moved is None:
+        return Skip("layout_change", f"Squeeze {walk.label(index)} removes the channel axis")
+    return _Pass(moved)
+
+
+def _without_axes(state: ChannelState, rank: int, axes: list[int]) -> ChannelState | None:
+    """Where the channel axis lands once ``axes`` (of a rank-``rank`` tensor) are removed;
+    None when it is one of them."""
     axes = [a + rank if a < 0 else a for a in axes]
     position = rank + state.axis
     if position in axes:
-        return Skip("layout_change", f"Squeeze {walk.label(index)} removes the channel axis")
+        return None
     new_rank = rank - len(axes)
     new_position = position - sum(1 for a in axes if a < position)
-    return _Pass(ChannelState(axis=new_position - new_rank, block=state.block, rank=new_rank))
+    return ChannelState(axis=new_position - new_rank, block=state.block, rank=new_rank)
 
 
 def _rule_unsqueeze(walk: _Walk, index: int, node, states) -> _Outcome:
@@ -658,15 +667,12 @@ def _rule_reduce(walk: _Walk, index: int, node, states) -> _Outcome:
         if g.attribute(node, "noop_with_empty_axes", 0):
             return _Pass(state)
         return Skip("mixes_channels", f"{node.op_type} {walk.label(index)} reduces over every axis")
-    axes = [a + rank if a < 0 else a for a in axes]
-    position = rank + state.axis
-    if position in axes:
+    moved = _without_axes(state, rank, axes)
+    if moved is None:
         return Skip("mixes_channels", f"{node.op_type} {walk.label(index)} reduces over the channel axis")
     if g.attribute(node, "keepdims", 1):
         return _Pass(dataclasses.replace(state, rank=rank))
-    new_rank = rank - len(axes)
-    new_position = position - sum(1 for a in axes if a < position)
-    return _Pass(ChannelState(axis=new_position - new_rank, block=state.block, rank=new_rank))
+    return _Pass(moved)
 
 
 def _rule_softmax(walk: _Walk, index: int, node, states) -> _Outcome:

@@ -86,26 +86,27 @@ class Cache:
 
     def array(self, namespace: str, group: str, key: dict[str, Any], compute: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached array for ``key``, or ``compute()`` stored under it."""
-        path = self._path(namespace, group, key, ".npy")
-        if path is not None and path.is_file():
-            try:
-                value = np.load(path, allow_pickle=False)
-                self.stats.hits += 1
-                return value
-            except (OSError, ValueError) as exc:
-                log.warning("cache entry %s unreadable (%s); recomputing", path, exc)
-        self.stats.misses += 1
-        value = compute()
-        if path is not None:
-            self._write(path, lambda handle: np.save(handle, np.asarray(value), allow_pickle=False))
-        return value
+        return self._cached(
+            self._path(namespace, group, key, ".npy"),
+            compute,
+            read=lambda path: np.load(path, allow_pickle=False),
+            write=lambda handle, value: np.save(handle, np.asarray(value), allow_pickle=False),
+        )
 
     def table(self, namespace: str, group: str, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
         """The cached JSON value for ``key``, or ``compute()`` stored under it."""
-        path = self._path(namespace, group, key, ".json")
+        return self._cached(
+            self._path(namespace, group, key, ".json"),
+            compute,
+            read=lambda path: json.loads(path.read_text()),
+            write=lambda handle, value: handle.write(json.dumps(value, sort_keys=True).encode()),
+        )
+
+    def _cached(self, path: Path | None, compute: Callable[[], Any], *, read: Callable, write: Callable) -> Any:
+        """``read(path)`` on a hit; else ``compute()``, written with ``write(handle, value)``."""
         if path is not None and path.is_file():
             try:
-                value = json.loads(path.read_text())
+                value = read(path)
                 self.stats.hits += 1
                 return value
             except (OSError, ValueError) as exc:
@@ -113,7 +114,7 @@ class Cache:
         self.stats.misses += 1
         value = compute()
         if path is not None:
-            self._write(path, lambda handle: handle.write(json.dumps(value, sort_keys=True).encode()))
+            self._write(path, lambda handle: write(handle, value))
         return value
 
     def _path(self, namespace: str, group: str, key: dict[str, Any], suffix: str) -> Path | None:

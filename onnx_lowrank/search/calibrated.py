@@ -172,7 +172,7 @@ class Calibration:
             from onnx_lowrank.calibrate import capture_covariances
 
             layers = [c.layer for c in self.candidates]
-            batches = -(-self.data.samples // self.batch_size)
+            batches = self.data.n_batches(self.batch_size)
             with self.progress("activations", batches) as advance:
                 self._covariances = capture_covariances(
                     self.model, layers, self.data, batch_size=self.batch_size, on_batch=advance
@@ -374,6 +374,12 @@ def plan_damping(plan: RankPlan) -> float:
     return float(plan.options.get("damping", DEFAULT_DAMPING))
 
 
+def calibration_record(data) -> dict:
+    """What a plan records of its calibration data (a ``validate.data.Dataset``): the
+    ``sha256`` that :func:`covariances_for_plan` checks, its source and size."""
+    return {"source": data.source, "sha256": data.sha256, "samples": data.n}
+
+
 def covariances_for_plan(
     model: onnx.ModelProto,
     layers: list[Layer],
@@ -383,7 +389,7 @@ def covariances_for_plan(
     strict: bool = True,
     batch_size: int = 32,
 ) -> dict[str, np.ndarray]:
-    """Covariances of the plan's ``svd-whitened`` layers from ``data`` (CalibrationData).
+    """Covariances of the plan's ``svd-whitened`` layers from ``data`` (a ``validate.data.Dataset``).
 
     With ``strict``, data other than what the plan was calibrated on (its recorded sha256) is
     an error: the factors would differ from those the search predicted.

@@ -62,16 +62,19 @@ def prepare_search(
     """Everything the methods share: candidates, their singular values, allowed ranks.
 
     ``cache``: a :class:`~onnx_lowrank.search.cache.Cache` (None: nothing kept on disk).
-    ``provider`` ("cpu", "cuda" or a full onnxruntime name): measure per-layer latency there,
+    ``provider`` ("cpu", "cuda", "tensorrt" or its onnxruntime name): measure per-layer latency there,
     enable the latency guard and latency budgets. ``rank_multiple`` defaults to 16 on CPU,
     8 on CUDA, 1 without a provider. ``calibration``: a
-    :class:`~onnx_lowrank.calibrate.CalibrationData` for the ``calibrated`` method.
+    :class:`~onnx_lowrank.validate.data.Dataset` (see :mod:`onnx_lowrank.calibrate`) for the
+    ``calibrated`` method.
     """
     cache = cache if cache is not None else Cache(None)
     if provider is not None:
-        from onnx_lowrank.calibrate import resolve_provider  # onnxruntime lives there
+        from onnx_lowrank.validate import runtime  # onnxruntime lives there
 
-        provider = resolve_provider(provider)
+        options = runtime.RuntimeOptions(provider=runtime.provider_key(provider))
+        runtime.check_provider(options)
+        provider = runtime.PROVIDERS[options.provider]
     multiple = rank_multiple if rank_multiple is not None else guard.default_rank_multiple(provider)
     chosen = candidate_layers(layers, min_params=min_params)
     candidates: list[Candidate] = []
@@ -135,7 +138,9 @@ def run_search(
     _check_budget(ctx, decisions, budget, method.name)
     options_out: dict[str, Any] = {**ctx.settings, **resolved}
     if method.needs_calibration and ctx.calibration is not None:
-        options_out["calibration"] = ctx.calibration.data.to_json()
+        from onnx_lowrank.search.calibrated import calibration_record
+
+        options_out["calibration"] = calibration_record(ctx.calibration.data)
     plan = energy.make_plan(
         list(ctx.layers),
         decisions,

@@ -9,11 +9,13 @@ costs. Ranks are therefore multiples of ``rank_multiple`` (default 16 on the CPU
 whose conv kernels lose their NCHWc path off a multiple of 8/16; 8 on CUDA; 1 without a
 provider), i.e. the largest rank of each latency step, whose extra accuracy is free.
 
-Each candidate layer is timed as one-node models -- dense, and factorized by the real lowering
-of :mod:`onnx_lowrank.passes.factorize` at up to ``max_timed`` ranks, interpolated between --
-on the provider, and cached per (provider, device, onnxruntime version, op, shapes, attributes,
-dtype, rank). When :mod:`onnx_lowrank.validate.latency` is installed, the guard's faster/slower
-verdict comes from its ``factorized_layer_speedup`` instead.
+Each candidate layer is timed alone (:func:`onnx_lowrank.validate.latency.layer_model`) at up
+to ``max_timed`` ranks, interpolated between: per rank, the dense layer and its factorized form
+(written by the factorize pass's own lowering) are timed interleaved on the provider with I/O
+binding (:func:`onnx_lowrank.validate.latency.time_layer`, the code path of ``bench``). The
+median times make the latency table; the median of the per-pair ratios is the guard's
+faster/slower verdict. Results are cached per (provider, device, onnxruntime version, op,
+shapes, attributes, dtype, rank).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from onnx_lowrank import graph as g
-from onnx_lowrank.errors import LowRankError, OptionError
-from onnx_lowrank.layers import Layer, find_layers
+from onnx_lowrank.errors import OptionError
+from onnx_lowrank.layers import Layer
 from onnx_lowrank.search.cache import Cache
 from onnx_lowrank.search.method import Candidate, ProgressFactory, null_progress
 from onnx_lowrank.search.plan import LayerDecision
@@ -78,7 +79,7 @@ class LayerLatency:
     dense_ms: float
     ranks: tuple[int, ...]
     ms: tuple[float, ...]
-    speedups: tuple[float, ...] | None = None  # validate.latency's verdicts, when it is installed
+    speedups: tuple[float, ...] | None = None  # median time(dense) / time(factorized) per timed rank
 
     def at(self, rank: int) -> float:
         """Factorized latency at ``rank``, linear between timed ranks (clamped at the ends)."""
@@ -120,6 +121,8 @@ class LatencyTable:
 
 
 Timer = Callable[[onnx.ModelProto, dict[str, np.ndarray], str], float]
+# The cache entries' layout: one {"dense_ms", "ms", "speedup"} per (layer, rank) from one pair.
+_TIMING = "interleaved-pair-p50"
 
 
 def measure_latency(
@@ -135,45 +138,47 @@ def measure_latency(
 ) -> LatencyTable:
     """Time each candidate dense and factorized (at up to ``max_timed`` of its allowed ranks).
 
-    ``timer(model, feeds, provider) -> ms`` replaces every measurement when given (tests,
-    custom harnesses); otherwise :func:`onnx_lowrank.calibrate.time_model_ms` times, and
-    ``validate.latency`` (when installed) gives the guard's faster/slower verdicts.
+    ``provider`` is onnxruntime's name (``CPUExecutionProvider``). ``timer(model, feeds,
+    provider) -> ms`` replaces every measurement when given (tests, custom harnesses); the
+    speedup is then the ratio of its two times.
     """
-    from onnx_lowrank import calibrate  # onnxruntime lives there
+    from onnx_lowrank.validate import latency, runtime  # onnxruntime lives there
 
-    speedup = _validate_speedup() if timer is None else None
-    environment = {"provider": provider, "ort": calibrate.ort_version()}
+    options = runtime.RuntimeOptions(provider=runtime.provider_key(provider))
+    environment = {"provider": provider, "ort": runtime.runtime_info()["onnxruntime"], "timing": _TIMING}
     if timer is None:
-        timer = calibrate.time_model_ms
-        environment["device"] = calibrate.device_label(provider)
+        environment["device"] = runtime.device_label(options)
     else:
         environment["timer"] = f"{getattr(timer, '__module__', '')}.{getattr(timer, '__qualname__', repr(timer))}"
     device = environment.get("device", "custom timer")
+
+    def time_pair(built: latency.LayerModel, rank: int) -> dict:
+        if timer is None:
+            pair = latency.time_layer(built, rank, options=options)
+            return {"dense_ms": pair.a.p50, "ms": pair.b.p50, "speedup": pair.speedup}
+        dense_ms, ms = timer(built.dense, built.feeds, provider), timer(built.factorized(rank), built.feeds, provider)
+        return {"dense_ms": dense_ms, "ms": ms, "speedup": dense_ms / ms if ms > 0 else math.inf}
+
     shapes = infer_shapes(model, input_shapes)
     layers: dict[str, LayerLatency] = {}
     with progress("latency", len(candidates)) as advance:
         for candidate in candidates:
-            layer = candidate.layer
-            built = one_node_model(model, layer, shapes)
+            built = latency.layer_model(model, candidate.layer, shapes)
             if built is None or len(candidate.ranks) == 0:
                 advance()
                 continue
-            dense, feeds, signature = built
             timed = _timed_ranks(candidate.ranks, max_timed)
-
-            def measure(rank: int | None, dense=dense, feeds=feeds, layer=layer) -> float:
-                one = dense if rank is None else factorized_one_node(dense, rank)
-                return timer(one, feeds, provider)
-
-            key = {**environment, **signature}
-            dense_ms = cache.table("latency", provider, {**key, "rank": None}, lambda m=measure: m(None))
-            ms = tuple(
-                cache.table("latency", provider, {**key, "rank": int(r)}, lambda r=r, m=measure: m(int(r)))
+            key = {**environment, **built.signature}
+            pairs = [
+                cache.table("latency", provider, {**key, "rank": r}, lambda r=r, b=built: time_pair(b, r))
                 for r in timed
+            ]
+            dense_ms = float(np.median([p["dense_ms"] for p in pairs]))
+            entry = LayerLatency(
+                dense_ms, tuple(timed), tuple(float(p["ms"]) for p in pairs), tuple(float(p["speedup"]) for p in pairs)
             )
-            speedups = _validated_speedups(speedup, layer, timed, feeds, provider) if speedup is not None else None
-            layers[layer.name] = LayerLatency(float(dense_ms), tuple(int(r) for r in timed), ms, speedups)
-            log.debug("latency %s: dense %.4f ms, factorized %s", layer.name, dense_ms, dict(zip(timed, ms)))
+            layers[candidate.name] = entry
+            log.debug("latency %s: dense %.4f ms, factorized %s", candidate.name, dense_ms, dict(zip(timed, entry.ms)))
             advance()
     return LatencyTable(provider, device, layers)
 
@@ -223,134 +228,3 @@ def _timed_ranks(ranks: np.ndarray, max_timed: int) -> list[int]:
         return [int(r) for r in ranks]
     picks = np.unique(np.round(np.linspace(0, len(ranks) - 1, max_timed)).astype(int))
     return [int(ranks[i]) for i in picks]
-
-
-def _validated_speedups(speedup, layer: Layer, ranks: list[int], feeds, provider: str) -> tuple[float, ...] | None:
-    """validate.latency's dense/factorized speedups at ``ranks`` (None where it cannot time the layer)."""
-    from onnx_lowrank.calibrate import PROVIDER_ALIASES
-
-    short = {full: name for name, full in PROVIDER_ALIASES.items()}.get(provider, provider)
-    if layer.op_type == "Conv":
-        weight, extent = layer.weight_shape, tuple(feeds["x"].shape)
-    else:
-        weight, extent = (layer.out_features, layer.in_features), layer.tokens
-    try:
-        return tuple(float(speedup(layer.op_type, weight, int(r), extent, provider=short)) for r in ranks)
-    except LowRankError as exc:  # shapes its microbenchmark does not build (1-D/3-D convs, ...)
-        log.debug("validate.latency cannot time %s (%s); using this module's timings", layer.name, exc)
-        return None
-
-
-def _validate_speedup():
-    try:
-        from onnx_lowrank.validate.latency import factorized_layer_speedup
-    except ImportError:
-        return None
-    return factorized_layer_speedup
-
-
-# ---------------------------------------------------------------------------------------------
-# one-node models
-
-
-def one_node_model(
-    model: onnx.ModelProto, layer: Layer, shapes: dict
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict] | None:
-    """The layer alone as a model with random weights: (model, feeds, cache signature).
-
-    Gemm/MatMul take ``tokens`` rows (the pinned input shapes); a Conv takes its real input
-    shape. None when that shape is unknown.
-    """
-    node = _layer_node(model, layer)
-    if node is None:
-        return None
-    rng = np.random.default_rng(0)
-    elem = getattr(onnx.TensorProto, layer.dtype)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
-    m, n = layer.out_features, layer.in_features
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if layer.op_type == "Conv":
-        x_shape = shapes.get(node.input[0]) if not layer.scope else None
-        if x_shape is None or any(d is None for d in x_shape):
-            return None
-    elif layer.tokens is None:
-        return None
-    elif layer.form == "left":
-        x_shape = (n, layer.tokens)
-    else:
-        x_shape = (layer.tokens, n)
-    inputs = ["x", "W"]
-    initializers = [onnx.numpy_helper.from_array(rng.standard_normal(layer.weight_shape).astype(dtype) * 0.05, "W")]
-    if layer.form == "left":
-        inputs = ["W", "x"]
-    if layer.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
-        inputs.append("b")
-        initializers.append(onnx.numpy_helper.from_array(np.zeros((m,), dtype=dtype), "b"))
-    one = onnx.helper.make_node(layer.op_type, inputs, ["y"], name="layer", **attrs)
-    graph = onnx.helper.make_graph(
-        [one],
-        "one_node",
-        [onnx.helper.make_tensor_value_info("x", elem, list(x_shape))],
-        [onnx.helper.make_tensor_value_info("y", elem, None)],
-        initializers,
-    )
-    opset = g.opset_version(model) or 17
-    built = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=min(model.ir_version, 9))
-    feeds = {"x": rng.standard_normal(x_shape).astype(dtype)}
-    signature = {
-        "op": layer.op_type,
-        "form": layer.form,
-        "weight_shape": list(layer.weight_shape),
-        "input_shape": list(x_shape),
-        "attrs": {k: _jsonable(v) for k, v in sorted(attrs.items())},
-        "bias": "b" in inputs,
-        "dtype": layer.dtype,
-        "opset": opset,
-    }
-    return built, feeds, signature
-
-
-def factorized_one_node(dense: onnx.ModelProto, rank: int) -> onnx.ModelProto:
-    """The one-node model rewritten at ``rank`` by the real lowering, with random factors."""
-    from onnx_lowrank.decompose.svd import SVDFactors
-    from onnx_lowrank.passes import cleanup
-    from onnx_lowrank.passes.factorize import LOWERINGS, LoweringContext
-    from onnx_lowrank.passes.rewrite import NameAllocator, replace_nodes
-
-    layer = find_layers(dense)[0]
-    result = onnx.ModelProto()
-    result.CopyFrom(dense)
-    rng = np.random.default_rng(rank)
-    factors = SVDFactors(
-        left=rng.standard_normal((layer.out_features, rank)).astype(np.float32) * 0.05,
-        right=rng.standard_normal((rank, layer.in_features)).astype(np.float32) * 0.05,
-    )
-    ctx = LoweringContext(
-        model=result, graph=result.graph, layer=layer, names=NameAllocator(result),
-        elem_type=getattr(onnx.TensorProto, layer.dtype),
-    )
-    nodes = LOWERINGS[(layer.op_type, "svd")](ctx, result.graph.node[0], factors)
-    replace_nodes(result.graph, {0: nodes})
-    cleanup.remove_unused(result, {layer.weight})
-    return result
-
-
-def _layer_node(model: onnx.ModelProto, layer: Layer) -> onnx.NodeProto | None:
-    for scope in g.iter_scopes(model):
-        if scope.path != layer.scope:
-            continue
-        label = layer.nodes[0][len(layer.scope) + 1 :] if layer.scope else layer.nodes[0]
-        for index, node in enumerate(scope.graph.node):
-            if g.node_label(node, index) == label:
-                return node
-    return None
-
-
-def _jsonable(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (int, float, str)):
-        return value
-    return str(value)

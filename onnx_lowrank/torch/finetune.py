@@ -201,6 +201,7 @@ def finetune(
     onnxruntime, :class:`InputError` for models that do not belong together or hold nothing to
     train.
     """
+    from onnx_lowrank.validate.data import Dataset
     from onnx_lowrank.validate.reference import run_reference
 
     options = options or FinetuneOptions()
@@ -208,7 +209,9 @@ def finetune(
     check_supported(original)
     check_supported(compressed)
     _check_same_interface(original, compressed)
-    n = _samples(feeds)
+    n = Dataset(dict(feeds), source="the data").n  # every input must have as many samples
+    if n == 0:
+        raise InputError("the data has no samples")
     train_index, held_index = split_holdout(n, options.holdout, options.seed)
     eval_index, evaluated_on = (held_index, "holdout") if len(held_index) else (train_index, "train")
     if labels is not None and len(labels) != n:
@@ -525,10 +528,3 @@ def _check_same_interface(original: onnx.ModelProto, compressed: onnx.ModelProto
             f"the two models do not belong together: ORIGINAL has inputs {in_a} / outputs {out_a}, "
             f"COMPRESSED has inputs {in_b} / outputs {out_b}"
         )
-
-
-def _samples(feeds: Mapping[str, np.ndarray]) -> int:
-    sizes = {array.shape[0] for array in feeds.values() if array.ndim}
-    if len(sizes) != 1:
-        raise InputError(f"every input needs the same number of samples, got {sorted(sizes)}")
-    return sizes.pop()

@@ -2,13 +2,18 @@
 
 Arrays are batch first. An ``.npz`` array is matched to a model input by, in order: an explicit
 ``--input-map INPUT=KEY``, the same name, the only unused array, or the only unused array whose
-rank and fixed dimensions fit the input. Every automatic choice is recorded in
-:attr:`Dataset.notes` so the CLI can say which key it picked.
+rank, fixed dimensions and kind of element type fit the input. Arrays are cast to the input's
+element type within a kind (float64 -> float32, int32 -> int64); float data for an integer
+input, or integers for a float input, are refused. Every automatic choice is recorded in
+:attr:`Dataset.notes` so the CLI can say which key it picked. Errors name the flag that gave
+the file (``--data`` for validate/bench, ``--calib`` for calibration).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
 import zipfile
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_lowrank.errors import InputError, OptionError
-from onnx_lowrank.validate.runtime import InputSpec
+from onnx_lowrank.validate.runtime import InputSpec, first_line
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +32,19 @@ LABEL_KEYS = ("labels", "label")  # npz keys used as labels when no --labels/--l
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Model inputs (batch first, all with ``n`` samples) and optional integer class labels."""
+    """Model inputs (batch first, all with ``n`` samples) and optional integer class labels.
+
+    Also what calibrated searches capture activations from: :attr:`sha256` identifies the
+    inputs, and calibrated plans record it.
+    """
 
     feeds: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     notes: tuple[str, ...] = ()
     source: str = ""
+
+    def __post_init__(self):
+        _common_batch(self.feeds, self.source or "inputs")
 
     @property
     def n(self) -> int:
@@ -50,6 +62,28 @@ class Dataset:
 
     def n_batches(self, batch_size: int) -> int:
         return -(-self.n // batch_size)
+
+    def head(self, samples: int) -> Dataset:
+        """The first ``samples`` samples (this dataset when it has no more)."""
+        if samples >= self.n:
+            return self
+        labels = self.labels[:samples] if self.labels is not None else None
+        feeds = {k: v[:samples] for k, v in self.feeds.items()}
+        return Dataset(feeds, labels, self.notes, f"{self.source}[:{samples}]")
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Hash of exactly what is fed: input names, dtypes, shapes and bytes (not the labels).
+
+        Calibrated plans record it (``options.calibration.sha256``) so that re-applying one
+        can refuse other data. Computed once; the arrays are not expected to change.
+        """
+        digest = hashlib.sha256()
+        for name in sorted(self.feeds):
+            array = np.ascontiguousarray(self.feeds[name])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def take(self, batch: int) -> dict[str, np.ndarray]:
         """Exactly ``batch`` samples (the first ones, cycled when there are fewer), contiguous."""
@@ -79,11 +113,14 @@ def parse_input_map(values: Sequence[str], *, flag: str = "--input-map") -> dict
     return mapping
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` (or a single ``.npy``) file, by key; no pickles."""
+def load_npz(path: str | os.PathLike, *, flag: str = "--data") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (or a single ``.npy``) file, by key; no pickles.
+
+    ``flag``: the option that named the file, for error messages.
+    """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such data file")
+        raise InputError(f"{flag} {path}: no such data file")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
@@ -91,7 +128,7 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with loaded:
             return {key: loaded[key] for key in loaded.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"{path}: not a readable .npz/.npy file ({_first_line(exc)})") from None
+        raise InputError(f"{flag} {path}: not a readable .npz/.npy file ({first_line(exc)})") from None
 
 
 def load_dataset(
@@ -102,17 +139,20 @@ def load_dataset(
     labels_path: str | os.PathLike | None = None,
     labels_key: str | None = None,
     want_labels: bool = True,
+    flag: str = "--data",
 ) -> Dataset:
     """Read ``path`` and match its arrays to ``specs`` (see the module docstring).
 
     Labels come from ``labels_path`` (.npy), from ``labels_key`` in the npz, or from an npz
     key named ``labels`` that is not a model input (noted). One-hot labels are turned into
-    class indices. ``want_labels=False`` (timing only) still keeps a ``labels`` key from being
-    matched to an input, but drops the labels.
+    class indices. ``want_labels=False`` (timing, calibration) still keeps a ``labels`` key
+    from being matched to an input, but drops the labels. ``flag`` names the option that gave
+    ``path`` in error messages.
     """
     if labels_path is not None and labels_key is not None:
         raise OptionError("give --labels or --labels-key, not both")
-    arrays = load_npz(path)
+    arrays = load_npz(path, flag=flag)
+    label = f"{flag} {path}"
     notes: list[str] = []
     labels = None
     input_names = {s.name for s in specs}
@@ -121,7 +161,7 @@ def load_dataset(
             raise OptionError(f"--labels-key {labels_key!r}: {path} has no such array (keys: {_keys(arrays)})")
         labels = arrays.pop(labels_key)
     elif labels_path is not None:
-        labels_arrays = load_npz(labels_path)
+        labels_arrays = load_npz(labels_path, flag="--labels")
         if len(labels_arrays) != 1:
             raise OptionError(f"--labels {labels_path}: expected one array, found {_keys(labels_arrays)}")
         labels = next(iter(labels_arrays.values()))
@@ -134,8 +174,10 @@ def load_dataset(
                 break
     if not want_labels:
         labels = None
-    feeds = _match(arrays, specs, input_map or {}, notes, str(path))
-    n = _common_batch(feeds, str(path))
+    feeds = _match(arrays, specs, input_map or {}, notes, label)
+    n = _common_batch(feeds, label)
+    if n == 0:
+        raise InputError(f"{label}: no samples")
     if labels is not None:
         labels = _class_indices(labels)
         if labels.shape[0] != n:
@@ -149,14 +191,16 @@ def random_dataset(
     *,
     shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    flag: str = "--random",
 ) -> Dataset:
     """``n`` seeded random samples shaped by ``specs`` (dynamic dims from ``shapes``, else 1).
 
     Floats are standard normal; integer inputs are 0/1 (ones for names containing "mask");
-    booleans are fair coins. Give real data for token ids or anything range-bound.
+    booleans are fair coins. Give real data for token ids or anything range-bound. ``flag``
+    names the option that asked for them in error messages.
     """
     if n < 1:
-        raise OptionError(f"--random must be a positive number of samples, got {n}")
+        raise OptionError(f"{flag} must be a positive number of samples, got {n}")
     notes: list[str] = []
     feeds = random_feeds(specs, n, shapes=shapes, seed=seed, notes=notes)
     return Dataset(feeds, None, tuple(notes), f"random(n={n}, seed={seed})")
@@ -232,8 +276,9 @@ def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, .
 
 
 def _match(
-    arrays: dict[str, np.ndarray], specs: list[InputSpec], input_map: dict[str, str], notes: list[str], source: str
+    arrays: dict[str, np.ndarray], specs: list[InputSpec], input_map: dict[str, str], notes: list[str], label: str
 ) -> dict[str, np.ndarray]:
+    """``label`` ("--data file.npz") starts every error message."""
     names = [s.name for s in specs]
     by_name = {s.name: s for s in specs}
     chosen: dict[str, str] = {}
@@ -241,7 +286,7 @@ def _match(
         if name not in by_name:
             raise OptionError(f"--input-map {name}={key}: the model has no input {name!r} (inputs: {', '.join(names)})")
         if key not in arrays:
-            raise OptionError(f"--input-map {name}={key}: {source} has no array {key!r} (keys: {_keys(arrays)})")
+            raise OptionError(f"--input-map {name}={key}: {label} has no array {key!r} (keys: {_keys(arrays)})")
         chosen[name] = key
     for spec in specs:
         if spec.name not in chosen and spec.name in arrays and spec.name not in chosen.values():
@@ -264,10 +309,8 @@ def _match(
             )
             continue
         why = f"several arrays fit ({', '.join(fitting)})" if fitting else f"none of {_keys(arrays)} fits {_shape_text(spec.shape)}"
-        raise InputError(
-            f"{source}: no array named {spec.name!r} and {why}; pass --input-map {spec.name}=KEY"
-        )
-    return {name: _conform(arrays[key], by_name[name], key, notes) for name, key in chosen.items()}
+        raise InputError(f"{label}: no array named {spec.name!r} and {why}; pass --input-map {spec.name}=KEY")
+    return {name: _conform(arrays[key], by_name[name], key, notes, label) for name, key in chosen.items()}
 
 
 def _fits(array: np.ndarray, spec: InputSpec) -> bool:
@@ -276,33 +319,28 @@ def _fits(array: np.ndarray, spec: InputSpec) -> bool:
     return all(array.shape[axis] == size for axis, size in spec.static_dims().items())
 
 
-def _conform(array: np.ndarray, spec: InputSpec, key: str, notes: list[str]) -> np.ndarray:
+def _conform(array: np.ndarray, spec: InputSpec, key: str, notes: list[str], label: str) -> np.ndarray:
     """Check rank and fixed dims; cast within a dtype kind (float64 -> float32), noting it."""
-    if array.ndim != spec.rank:
+    fits = array.ndim == spec.rank and all(array.shape[axis] == size for axis, size in spec.static_dims().items())
+    if not fits:
         raise InputError(
-            f"npz key {key!r} has shape {list(array.shape)} but input {spec.name!r} expects {_shape_text(spec.shape)}"
+            f"{label}: npz key {key!r} of shape {list(array.shape)} does not fit input {spec.name!r}, "
+            f"which expects {_shape_text(spec.shape)} (batch first)"
         )
-    for axis, size in spec.static_dims().items():
-        if array.shape[axis] != size:
-            raise InputError(
-                f"npz key {key!r} has shape {list(array.shape)} but input {spec.name!r} expects {_shape_text(spec.shape)}"
-            )
     if array.dtype != spec.dtype:
         if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
-            raise InputError(f"npz key {key!r} is {array.dtype} but input {spec.name!r} expects {spec.dtype}")
+            raise InputError(f"{label}: npz key {key!r} is {array.dtype} but input {spec.name!r} expects {spec.dtype}")
         notes.append(f"input {spec.name!r}: cast {array.dtype} -> {spec.dtype}")
         array = array.astype(spec.dtype)
     return np.ascontiguousarray(array)
 
 
 def _common_batch(feeds: dict[str, np.ndarray], source: str) -> int:
-    sizes = {name: a.shape[0] for name, a in feeds.items() if a.ndim}
+    """The inputs' common number of samples (0 for none); different numbers are an error."""
+    sizes = {name: int(np.shape(a)[0]) for name, a in feeds.items() if np.ndim(a)}
     if len(set(sizes.values())) > 1:
         raise InputError(f"{source}: inputs have different numbers of samples: {sizes}")
-    n = next(iter(sizes.values()), 0)
-    if n == 0:
-        raise InputError(f"{source}: no samples")
-    return n
+    return next(iter(sizes.values()), 0)
 
 
 def _class_indices(labels: np.ndarray) -> np.ndarray:
@@ -321,8 +359,3 @@ def _shape_text(shape) -> str:
 
 def _keys(arrays: dict) -> str:
     return ", ".join(sorted(arrays)) or "(none)"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

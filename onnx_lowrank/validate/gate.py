@@ -40,7 +40,14 @@ from onnx_lowrank.validate.accuracy import (
 )
 from onnx_lowrank.validate.data import Dataset
 from onnx_lowrank.validate.latency import PairTiming, measure_pair
-from onnx_lowrank.validate.runtime import ModelLike, RuntimeOptions, create_session, runtime_info
+from onnx_lowrank.validate.runtime import (
+    ModelLike,
+    RuntimeOptions,
+    cpu_model,
+    create_session,
+    gpu_name,
+    runtime_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -462,33 +469,13 @@ def machine_info(options: RuntimeOptions | None = None) -> dict:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
     }
     if options is not None and options.provider != "cpu":
-        info["gpu"] = _gpu_name()
+        info["gpu"] = gpu_name()
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu_name() -> str | None:
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str | None:

@@ -19,15 +19,16 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_lowrank import graph as g
 from onnx_lowrank.errors import OptionError
-from onnx_lowrank.layers import Layer
+from onnx_lowrank.layers import Layer, find_layers
 from onnx_lowrank.validate.runtime import ModelLike, RuntimeOptions, Session, create_session, runtime_info
 
 log = logging.getLogger(__name__)
@@ -186,14 +187,10 @@ def measure(
     label: str = "model",
 ) -> Timing:
     """Time ``iters`` bound runs of ``model`` on ``feeds`` after ``warmup`` untimed ones."""
-    _check_counts(warmup, iters)
-    options = options or RuntimeOptions(provider=provider)
-    bound = BoundModel(_session(model, options, label), feeds)
-    for _ in range(warmup):
-        bound.run()
-    with _no_gc():
-        times = tuple(bound.run() for _ in range(iters))
-    return Timing(label, bound.batch, times, bound.session.provider, warmup)
+    (timing,) = measure_interleaved(
+        [model], feeds, provider=provider, options=options, warmup=warmup, iters=iters, labels=[label]
+    )
+    return timing
 
 
 def measure_pair(
@@ -208,28 +205,45 @@ def measure_pair(
     labels: tuple[str, str] = ("a", "b"),
 ) -> PairTiming:
     """Time A and B interleaved on the same ``feeds``; speedup = time(A) / time(B)."""
+    a, b = measure_interleaved(
+        [model_a, model_b], feeds, provider=provider, options=options, warmup=warmup, iters=iters, labels=labels
+    )
+    ratios = tuple(x / y if y > 0 else math.inf for x, y in zip(a.times_ms, b.times_ms))
+    return PairTiming(a, b, ratios)
+
+
+def measure_interleaved(
+    models: Sequence[ModelLike | Session],
+    feeds: dict[str, np.ndarray],
+    *,
+    provider: str = "cpu",
+    options: RuntimeOptions | None = None,
+    warmup: int = DEFAULT_WARMUP,
+    iters: int = DEFAULT_ITERS,
+    labels: Sequence[str] | None = None,
+) -> tuple[Timing, ...]:
+    """Time several models in turn on the same ``feeds``, one :class:`Timing` each.
+
+    Every round runs each model once, the order rotating round by round (A B, B A for two)
+    so that none always runs first; run ``i`` of every model belongs to the same round.
+    """
     _check_counts(warmup, iters)
     options = options or RuntimeOptions(provider=provider)
-    bound_a = BoundModel(_session(model_a, options, labels[0]), feeds)
-    bound_b = BoundModel(_session(model_b, options, labels[1]), feeds)
+    labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
+    bound = [BoundModel(_session(model, options, label), feeds) for model, label in zip(models, labels, strict=True)]
     for _ in range(warmup):
-        bound_a.run()
-        bound_b.run()
-    times_a, times_b = [], []
+        for model in bound:
+            model.run()
+    times: list[list[float]] = [[] for _ in bound]
+    order = list(range(len(bound)))
     with _no_gc():
         for i in range(iters):
-            if i % 2 == 0:
-                times_a.append(bound_a.run())
-                times_b.append(bound_b.run())
-            else:
-                times_b.append(bound_b.run())
-                times_a.append(bound_a.run())
-    ratios = tuple(a / b if b > 0 else math.inf for a, b in zip(times_a, times_b))
-    provider_used = bound_a.session.provider
-    return PairTiming(
-        Timing(labels[0], bound_a.batch, tuple(times_a), provider_used, warmup),
-        Timing(labels[1], bound_b.batch, tuple(times_b), provider_used, warmup),
-        ratios,
+            shift = i % len(order)
+            for k in order[shift:] + order[:shift]:
+                times[k].append(bound[k].run())
+    provider_used = bound[0].session.provider
+    return tuple(
+        Timing(label, model.batch, tuple(t), provider_used, warmup) for label, model, t in zip(labels, bound, times)
     )
 
 
@@ -320,7 +334,80 @@ def bench(
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-layer microbenchmark for latency-aware rank selection.
+# One layer alone: dense vs factorized, for the latency guard and the layer microbenchmark.
+#
+# A single builder (:func:`_one_node`) makes the dense one-node model; its factorized form is
+# written by the factorize pass's own lowering (``passes.factorize.LOWERINGS``), so what is
+# timed is exactly what ``compress`` emits (op sequence, attributes, factor layout, dtype).
+
+LAYER_WARMUP = 5
+LAYER_ITERS = 30
+LAYER_OPS = ("Gemm", "MatMul", "Conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerModel:
+    """One layer as a one-node model (input ``x``, output ``y``, seeded random weights), its
+    seeded random input, and what determines its latency (``signature``, a cache key)."""
+
+    dense: onnx.ModelProto
+    feeds: dict[str, np.ndarray]
+    signature: dict
+
+    def factorized(self, rank: int) -> onnx.ModelProto:
+        """The model rewritten at ``rank`` by the factorize pass's SVD lowering (random factors)."""
+        # Imported here: the passes (and the search package they use) load only to time a layer.
+        from onnx_lowrank.decompose.svd import SVDFactors
+        from onnx_lowrank.passes import cleanup
+        from onnx_lowrank.passes.factorize import LOWERINGS, LoweringContext
+        from onnx_lowrank.passes.rewrite import NameAllocator, replace_nodes
+
+        if rank < 1:
+            raise OptionError(f"layer microbenchmark: rank must be >= 1, got {rank}")
+        layer = find_layers(self.dense)[0]
+        result = onnx.ModelProto()
+        result.CopyFrom(self.dense)
+        rng = np.random.default_rng(rank)
+        factors = SVDFactors(
+            left=rng.standard_normal((layer.out_features, rank)).astype(np.float32) * 0.05,
+            right=rng.standard_normal((rank, layer.in_features)).astype(np.float32) * 0.05,
+        )
+        ctx = LoweringContext(
+            model=result, graph=result.graph, layer=layer, names=NameAllocator(result),
+            elem_type=getattr(TensorProto, layer.dtype),
+        )
+        nodes = LOWERINGS[(layer.op_type, "svd")](ctx, result.graph.node[0], factors)
+        replace_nodes(result.graph, {0: nodes})
+        cleanup.remove_unused(result, {layer.weight})
+        return result
+
+
+def layer_model(model: onnx.ModelProto, layer: Layer, shapes: dict) -> LayerModel | None:
+    """``layer`` of ``model`` alone, with its node's attributes, form, dtype and input shape.
+
+    Gemm/MatMul take ``layer.tokens`` rows; a Conv takes its real input shape from ``shapes``
+    (:func:`onnx_lowrank.shapes.infer_shapes`). None when that shape is unknown.
+    """
+    node = _layer_node(model, layer)
+    if node is None:
+        return None
+    if layer.op_type == "Conv":
+        x_shape = shapes.get(node.input[0]) if not layer.scope else None
+        if x_shape is None or any(d is None for d in x_shape):
+            return None
+    elif layer.tokens is None:
+        return None
+    elif layer.form == "left":
+        x_shape = (layer.in_features, layer.tokens)
+    else:
+        x_shape = (layer.tokens, layer.in_features)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    bias = layer.op_type in ("Gemm", "Conv") and len(node.input) > 2 and bool(node.input[2])
+    return _one_node(
+        layer.op_type, attrs, tuple(layer.weight_shape), tuple(x_shape),
+        form=layer.form, out_features=layer.out_features, bias=bias, elem_type=getattr(TensorProto, layer.dtype),
+        opset=g.opset_version(model) or 17, ir_version=min(model.ir_version, 9),
+    )
 
 
 def layer_models(
@@ -332,24 +419,35 @@ def layer_models(
     seed: int = 0,
     opset: int = 17,
 ) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
-    """A one-layer dense model, its rank-``rank`` factorized form (as the factorize pass emits
-    it) and a seeded random input, all float32.
+    """A one-layer float32 dense model, its rank-``rank`` factorized form (as the factorize pass
+    emits it) and a seeded random input.
 
     ``weight_shape``: for "Gemm" and "MatMul" the canonical ``(out_features, in_features)``;
     for "Conv" the kernel ``(Cout, Cin, kh, kw)``. ``input_shape``: a full input shape, or an
     int number of tokens: ``(tokens, in_features)`` for Gemm/MatMul, and for Conv a
     ``(1, Cin, s, s)`` image with ``s * s >= tokens`` output positions ("same" padding).
-    Dense forms: ``Gemm(x, W[out, in], b, transB=1)`` (the PyTorch export),
-    ``MatMul(x, W[in, out])``, ``Conv(x, W, b)``.
+    Dense forms: ``Gemm(x, W[out, in], b, transB=1)`` (the PyTorch export; a MatMul for
+    inputs of rank > 2), ``MatMul(x, W[in, out])``, ``Conv(x, W, b)``.
     """
-    if op_type not in _LAYER_BUILDERS:
-        raise OptionError(f"layer microbenchmark: op type {op_type!r} not in {', '.join(_LAYER_BUILDERS)}")
-    if rank < 1:
-        raise OptionError(f"layer microbenchmark: rank must be >= 1, got {rank}")
-    rng = np.random.default_rng(seed)
-    dense, factored, x_shape, y_shape = _LAYER_BUILDERS[op_type](rng, tuple(weight_shape), rank, input_shape)
-    x = rng.standard_normal(x_shape).astype(np.float32)
-    return _one_layer_model(dense, x_shape, y_shape, opset), _one_layer_model(factored, x_shape, y_shape, opset), {"x": x}
+    built = _synthetic_layer(op_type, tuple(weight_shape), input_shape, seed=seed, opset=opset)
+    return built.dense, built.factorized(rank), built.feeds
+
+
+def time_layer(
+    built: LayerModel,
+    rank: int,
+    *,
+    provider: str = "cpu",
+    options: RuntimeOptions | None = None,
+    warmup: int = LAYER_WARMUP,
+    iters: int = LAYER_ITERS,
+) -> PairTiming:
+    """Dense vs rank-``rank`` factorized ``built`` timed interleaved (speedup > 1: factorized
+    is faster)."""
+    return measure_pair(
+        built.dense, built.factorized(rank), built.feeds, provider=provider, options=options,
+        warmup=warmup, iters=iters, labels=("dense", f"rank {rank}"),
+    )
 
 
 def layer_pair_timing(
@@ -360,126 +458,29 @@ def layer_pair_timing(
     *,
     provider: str = "cpu",
     options: RuntimeOptions | None = None,
-    warmup: int = 5,
-    iters: int = 30,
+    warmup: int = LAYER_WARMUP,
+    iters: int = LAYER_ITERS,
     seed: int = 0,
 ) -> PairTiming:
-    """Dense vs factorized one-layer models timed interleaved (see :func:`layer_models`)."""
-    dense, factored, feeds = layer_models(op_type, weight_shape, rank, input_shape, seed=seed)
-    return measure_pair(
-        dense, factored, feeds, provider=provider, options=options, warmup=warmup, iters=iters,
-        labels=("dense", f"rank {rank}"),
-    )
+    """:func:`time_layer` of the one-layer model :func:`layer_models` describes."""
+    built = _synthetic_layer(op_type, tuple(weight_shape), input_shape, seed=seed)
+    return time_layer(built, rank, provider=provider, options=options, warmup=warmup, iters=iters)
 
 
 def factorized_layer_speedup(
-    op_type: str,
-    weight_shape: tuple[int, ...],
-    rank: int,
-    input_shape: int | tuple[int, ...],
-    *,
-    provider: str = "cpu",
-    options: RuntimeOptions | None = None,
-    warmup: int = 5,
-    iters: int = 30,
-    seed: int = 0,
+    op_type: str, weight_shape: tuple[int, ...], rank: int, input_shape: int | tuple[int, ...], **timing
 ) -> float:
     """Median time(dense) / time(factorized at ``rank``) for one layer; > 1 means factorizing
-    makes it faster. Arguments as in :func:`layer_models`."""
-    return layer_pair_timing(
-        op_type, weight_shape, rank, input_shape, provider=provider, options=options,
-        warmup=warmup, iters=iters, seed=seed,
-    ).speedup
+    makes it faster. Arguments as in :func:`layer_pair_timing`."""
+    return layer_pair_timing(op_type, weight_shape, rank, input_shape, **timing).speedup
 
 
-def _matrix_layer(op_type: str) -> Callable:
-    def build(rng, weight_shape, rank, input_shape):
-        if len(weight_shape) != 2:
-            raise OptionError(f"layer microbenchmark: {op_type} weight shape must be (out, in), got {weight_shape}")
-        out_f, in_f = weight_shape
-        x_shape = (input_shape, in_f) if isinstance(input_shape, int) else tuple(input_shape)
-        if x_shape[-1] != in_f:
-            raise OptionError(f"layer microbenchmark: input shape {x_shape} does not end in {in_f}")
-        scale = 1 / math.sqrt(in_f)
-        w = (rng.standard_normal((out_f, in_f)) * scale).astype(np.float32)
-        bias = (rng.standard_normal(out_f) * 0.1).astype(np.float32)
-        first = (rng.standard_normal((in_f, rank)) * scale).astype(np.float32)
-        second = (rng.standard_normal((rank, out_f)) / math.sqrt(rank)).astype(np.float32)
-        use_gemm = op_type == "Gemm" and len(x_shape) == 2
-        if use_gemm:
-            dense = _graph(["Gemm", ("x", "W", "bias"), {"transB": 1}], {"W": w, "bias": bias})
-            factored = _graph(
-                ["MatMul", ("x", "A"), {}, "h"], ["Gemm", ("h", "B", "bias"), {}],
-                {"A": first, "B": second, "bias": bias},
-            )
-        else:
-            dense = _graph(["MatMul", ("x", "W"), {}], {"W": np.ascontiguousarray(w.T)})
-            factored = _graph(["MatMul", ("x", "A"), {}, "h"], ["MatMul", ("h", "B"), {}], {"A": first, "B": second})
-        return dense, factored, x_shape, (*x_shape[:-1], out_f)
-
-    return build
-
-
-def _conv_layer(rng, weight_shape, rank, input_shape):
-    if len(weight_shape) != 4:
-        raise OptionError(f"layer microbenchmark: Conv kernel must be (Cout, Cin, kh, kw), got {weight_shape}")
-    cout, cin, kh, kw = weight_shape
-    if isinstance(input_shape, int):
-        side = max(1, math.ceil(math.sqrt(input_shape)))
-        x_shape = (1, cin, side, side)
-    else:
-        x_shape = tuple(input_shape)
-    if len(x_shape) != 4 or x_shape[1] != cin:
-        raise OptionError(f"layer microbenchmark: Conv input must be (N, {cin}, H, W), got {x_shape}")
-    pads = [kh // 2, kw // 2, (kh - 1) // 2, (kw - 1) // 2]
-    scale = 1 / math.sqrt(cin * kh * kw)
-    w = (rng.standard_normal(weight_shape) * scale).astype(np.float32)
-    bias = (rng.standard_normal(cout) * 0.1).astype(np.float32)
-    first = (rng.standard_normal((rank, cin, kh, kw)) * scale).astype(np.float32)
-    second = (rng.standard_normal((cout, rank, 1, 1)) / math.sqrt(rank)).astype(np.float32)
-    attrs = {"kernel_shape": [kh, kw], "pads": pads}
-    dense = _graph(["Conv", ("x", "W", "bias"), attrs], {"W": w, "bias": bias})
-    factored = _graph(
-        ["Conv", ("x", "A"), attrs, "h"], ["Conv", ("h", "B", "bias"), {"kernel_shape": [1, 1]}],
-        {"A": first, "B": second, "bias": bias},
-    )
-    return dense, factored, x_shape, (x_shape[0], cout, *x_shape[2:])
-
-
-def _graph(*parts) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes ``[op, inputs, attrs, (output)]`` chained to output ``y``, then initializers."""
-    *steps, weights = parts
-    nodes = []
-    for index, (op, inputs, attrs, *out) in enumerate(steps):
-        output = out[0] if out else "y"
-        nodes.append(helper.make_node(op, list(inputs), [output], name=f"{op}_{index}", **attrs))
-    inits = [numpy_helper.from_array(array, name) for name, array in weights.items()]
-    return nodes, inits
-
-
-def _one_layer_model(parts, x_shape: tuple[int, ...], y_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    nodes, inits = parts
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))
-    graph = helper.make_graph(nodes, "layer", [x], [y], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-
-
-def layer_speedup(
-    layer: Layer,
-    rank: int,
-    *,
-    provider: str = "cpu",
-    options: RuntimeOptions | None = None,
-    warmup: int = 5,
-    iters: int = 30,
-    seed: int = 0,
-) -> float:
+def layer_speedup(layer: Layer, rank: int, **timing) -> float:
     """:func:`factorized_layer_speedup` for a :class:`~onnx_lowrank.layers.Layer` of a real model.
 
     Gemm/MatMul layers are timed over ``layer.tokens`` input rows (1 when unknown); a 2-D Conv
     over a square image with ``layer.tokens`` output positions. Raises :class:`OptionError`
-    for other layers (1-D/3-D convs, unsupported ops).
+    for other layers (1-D/3-D convs, unsupported ops). Keywords as in :func:`layer_pair_timing`.
     """
     tokens = layer.tokens or 1
     if layer.op_type == "Conv":
@@ -488,17 +489,105 @@ def layer_speedup(
         weight_shape = tuple(layer.weight_shape)
     else:
         weight_shape = (layer.out_features, layer.in_features)
-    return factorized_layer_speedup(
-        layer.op_type, weight_shape, rank, tokens, provider=provider, options=options, warmup=warmup, iters=iters,
-        seed=seed,
+    return factorized_layer_speedup(layer.op_type, weight_shape, rank, tokens, **timing)
+
+
+def _synthetic_layer(
+    op_type: str, weight_shape: tuple[int, ...], input_shape: int | tuple[int, ...], *, seed: int = 0, opset: int = 17
+) -> LayerModel:
+    """The one-node model of :func:`layer_models` (canonical shapes -> stored layout)."""
+    if op_type not in LAYER_OPS:
+        raise OptionError(f"layer microbenchmark: op type {op_type!r} not in {', '.join(LAYER_OPS)}")
+    common = {"bias": True, "elem_type": TensorProto.FLOAT, "opset": opset, "ir_version": 8, "seed": seed}
+    if op_type == "Conv":
+        if len(weight_shape) != 4:
+            raise OptionError(f"layer microbenchmark: Conv kernel must be (Cout, Cin, kh, kw), got {weight_shape}")
+        _, cin, kh, kw = weight_shape
+        if isinstance(input_shape, int):
+            side = max(1, math.ceil(math.sqrt(input_shape)))
+            x_shape = (1, cin, side, side)
+        else:
+            x_shape = tuple(input_shape)
+        if len(x_shape) != 4 or x_shape[1] != cin:
+            raise OptionError(f"layer microbenchmark: Conv input must be (N, {cin}, H, W), got {x_shape}")
+        attrs = {"kernel_shape": [kh, kw], "pads": [kh // 2, kw // 2, (kh - 1) // 2, (kw - 1) // 2]}
+        return _one_node("Conv", attrs, weight_shape, x_shape, form="conv", out_features=weight_shape[0], **common)
+    if len(weight_shape) != 2:
+        raise OptionError(f"layer microbenchmark: {op_type} weight shape must be (out, in), got {weight_shape}")
+    out_f, in_f = weight_shape
+    x_shape = (input_shape, in_f) if isinstance(input_shape, int) else tuple(input_shape)
+    if x_shape[-1] != in_f:
+        raise OptionError(f"layer microbenchmark: input shape {x_shape} does not end in {in_f}")
+    if op_type == "Gemm" and len(x_shape) == 2:
+        return _one_node("Gemm", {"transB": 1}, (out_f, in_f), x_shape, form="out_in", out_features=out_f, **common)
+    return _one_node("MatMul", {}, (in_f, out_f), x_shape, form="in_out", out_features=out_f, **{**common, "bias": False})
+
+
+def _one_node(
+    op_type: str,
+    attrs: dict,
+    weight_shape: tuple[int, ...],
+    x_shape: tuple[int, ...],
+    *,
+    form: str,
+    out_features: int,
+    bias: bool,
+    elem_type: int,
+    opset: int,
+    ir_version: int,
+    seed: int = 0,
+) -> LayerModel:
+    """The one builder: ``y = op(x, W[, b])`` (``op(W, x)`` for the "left" form) with ``W`` in
+    its stored ``weight_shape``, a zero bias of ``out_features``, random weights and input of
+    ``elem_type``."""
+    rng = np.random.default_rng(seed)
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    inputs = ["W", "x"] if form == "left" else ["x", "W"]
+    weights = {"W": rng.standard_normal(weight_shape).astype(dtype) * 0.05}
+    if bias:
+        inputs.append("b")
+        weights["b"] = np.zeros((out_features,), dtype=dtype)
+    graph = helper.make_graph(
+        [helper.make_node(op_type, inputs, ["y"], name="layer", **attrs)],
+        "layer",
+        [helper.make_tensor_value_info("x", elem_type, list(x_shape))],
+        [helper.make_tensor_value_info("y", elem_type, [None] * len(x_shape))],  # same rank, any size
+        [numpy_helper.from_array(array, name) for name, array in weights.items()],
     )
+    dense = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    signature = {
+        "op": op_type,
+        "form": form,
+        "weight_shape": list(weight_shape),
+        "input_shape": list(x_shape),
+        "attrs": {k: _jsonable(v) for k, v in sorted(attrs.items())},
+        "bias": bias,
+        "dtype": TensorProto.DataType.Name(elem_type),
+        "opset": opset,
+    }
+    return LayerModel(dense, {"x": rng.standard_normal(x_shape).astype(dtype)}, signature)
 
 
-_LAYER_BUILDERS: dict[str, Callable] = {
-    "Gemm": _matrix_layer("Gemm"),
-    "MatMul": _matrix_layer("MatMul"),
-    "Conv": _conv_layer,
-}
+def _layer_node(model: onnx.ModelProto, layer: Layer) -> onnx.NodeProto | None:
+    """The (first) node of ``layer`` in its scope of ``model``."""
+    for scope in g.iter_scopes(model):
+        if scope.path != layer.scope:
+            continue
+        label = layer.nodes[0][len(layer.scope) + 1 :] if layer.scope else layer.nodes[0]
+        for index, node in enumerate(scope.graph.node):
+            if g.node_label(node, index) == label:
+                return node
+    return None
+
+
+def _jsonable(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, float, str)):
+        return value
+    return str(value)
 
 
 def _session(model: ModelLike | Session, options: RuntimeOptions, label: str) -> Session:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
+import platform
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,6 +84,9 @@ class RuntimeOptions:
             sessions timed interleaved, or one on a shared CI machine, otherwise lose whole
             milliseconds to idle threads spinning on the cores the running session needs
             (measured: a 2.7 ms model read 14.7 ms on a loaded 2-core machine with spinning on).
+            Off also keeps idle ORT threads from starving numpy's BLAS between session calls.
+        optimize: ORT graph optimizations (its default). Off for reference runs, which must
+            show the graph's own semantics, not ORT's fused rewrite of it.
     """
 
     provider: str = "cpu"
@@ -89,10 +95,11 @@ class RuntimeOptions:
     cuda_graph: bool = False
     device_id: int = 0
     spin: bool = False
+    optimize: bool = True
 
     def __post_init__(self):
         if self.provider not in PROVIDERS:
-            raise OptionError(f"--provider {self.provider!r}: expected one of {', '.join(PROVIDERS)}")
+            raise OptionError(f"--provider {self.provider}: expected one of {', '.join(PROVIDERS)}")
         if self.threads is not None and self.threads < 1:
             raise OptionError(f"--threads must be a positive integer, got {self.threads}")
         if self.cuda_graph and self.provider != "cuda":
@@ -107,6 +114,8 @@ class RuntimeOptions:
         out = {"provider": self.provider, "threads": self.threads if self.threads else "ort-default", "spin": self.spin}
         if self.provider != "cpu":
             out.update(tf32=self.tf32, cuda_graph=self.cuda_graph, device_id=self.device_id)
+        if not self.optimize:
+            out["optimize"] = False
         return out
 
 
@@ -147,14 +156,18 @@ class Session:
     def output_names(self) -> list[str]:
         return [o.name for o in self.ort_session.get_outputs()]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Plain run with numpy in and out (used for accuracy; timing uses I/O binding)."""
-        names = self.output_names
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Plain run with numpy in and out (used for accuracy; timing uses I/O binding).
+
+        ``outputs``: the output names to fetch (default: all of them).
+        """
+        names = list(outputs) if outputs is not None else self.output_names
         try:
             return dict(zip(names, self.ort_session.run(names, feeds)))
         except _ORT_RUN_ERRORS as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"{self.label}: onnxruntime could not run the model on these inputs ({text})") from None
+            raise InputError(
+                f"{self.label}: onnxruntime could not run the model on these inputs ({first_line(exc)})"
+            ) from None
 
 
 def available_providers() -> list[str]:
@@ -168,6 +181,17 @@ def runtime_info(options: RuntimeOptions | None = None) -> dict:
     if options is not None:
         info.update(options.to_json())
     return info
+
+
+def provider_key(name: str) -> str:
+    """``cpu`` / ``cuda`` / ``tensorrt`` (any case), or ORT's name for one
+    (``CUDAExecutionProvider``), as the key :class:`RuntimeOptions` takes.
+
+    Other names come back as given, for :class:`RuntimeOptions` to refuse naming the flag.
+    """
+    text = name.strip()
+    by_ort_name = {ort_name: key for key, ort_name in PROVIDERS.items()}
+    return by_ort_name.get(text, text.lower())
 
 
 def check_provider(options: RuntimeOptions) -> None:
@@ -194,6 +218,8 @@ def create_session(model: ModelLike, options: RuntimeOptions, *, label: str | No
     # ORT's own warnings (e.g. nodes placed on the CPU next to the CUDA EP) go to stderr
     # unformatted; keep them out of the one-line CLI output unless debugging.
     session_options.log_severity_level = 1 if log.isEnabledFor(logging.DEBUG) else 3
+    if not options.optimize:
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if options.threads:
         session_options.intra_op_num_threads = options.threads
         session_options.inter_op_num_threads = 1
@@ -206,7 +232,7 @@ def create_session(model: ModelLike, options: RuntimeOptions, *, label: str | No
         with _model_source(model) as source:
             ort_session = ort.InferenceSession(source, sess_options=session_options, providers=providers)
     except _ORT_LOAD_ERRORS as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         if options.provider != "cpu" and any(word in text for word in ("CUDA", "cuda", "TensorRT", "cudnn", "libcu")):
             raise ProviderUnavailable(f"--provider {options.provider}: {wanted} failed to load: {text}") from None
         raise InputError(f"{label}: onnxruntime cannot load the model ({text})") from None
@@ -276,6 +302,43 @@ def input_specs(model: ModelLike) -> list[InputSpec]:
             raise InputError(f"input {value.name!r} has an unsupported element type {tensor.elem_type}") from None
         specs.append(InputSpec(value.name, dims, dtype))
     return specs
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def gpu_name() -> str | None:
+    """The first GPU's name from ``nvidia-smi`` (None without one)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0].strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def device_label(options: RuntimeOptions) -> str:
+    """What a latency was measured on: ``"<CPU model> x<cores>"``, or the GPU's name."""
+    if options.device == "cpu":
+        return f"{cpu_model()} x{os.cpu_count()}"
+    return gpu_name() or PROVIDERS[options.provider]
 
 
 def cuda_session_works() -> bool:

@@ -13,7 +13,6 @@ from onnx_lowrank.calibrate import (
     OutputProbe,
     capture_covariances,
     load_calibration,
-    make_calibration,
     random_calibration,
 )
 from onnx_lowrank.decompose.svd import truncated_svd
@@ -27,6 +26,7 @@ from onnx_lowrank.search.calibrated import (
     whitened_decomposer,
     whitened_factors,
 )
+from onnx_lowrank.validate.data import Dataset
 
 
 def run(model, feeds):
@@ -113,7 +113,7 @@ def test_capture_matches_numpy_reference(model_builder):
     )
     x = rng.standard_normal((5, 2, 6, 7)).astype(np.float32)
     layers = [la for la in find_layers(model) if la.supported]
-    data = make_calibration({"x": x}, source="test")
+    data = Dataset({"x": x}, source="test")
     covs = capture_covariances(model, layers, data, batch_size=2)  # batches of 2, 2, 1
 
     patches = _conv_reference(x.astype(np.float64), w_conv.shape, [1, 0, 1, 1], [2, 1])
@@ -130,7 +130,7 @@ def test_capture_matches_numpy_reference(model_builder):
 def test_output_probe_measures_substitutions(mlp_model):
     layers = [la for la in find_layers(mlp_model) if la.supported]
     rng = np.random.default_rng(4)
-    data = make_calibration({"x": rng.standard_normal((40, 32)).astype(np.float32)}, source="test")
+    data = Dataset({"x": rng.standard_normal((40, 32)).astype(np.float32)}, source="test")
     probe = OutputProbe(mlp_model, layers, data, batch_size=16)
     from onnx_lowrank.layers import weight_matrix
 
@@ -147,23 +147,23 @@ def test_load_calibration_matches_arrays_to_inputs(tmp_path, mlp_model):
     path = tmp_path / "calib.npz"
     np.savez(path, images=rng.standard_normal((8, 1, 4, 4)), flat=rng.standard_normal((8, 32)), labels=np.arange(8))
     data = load_calibration(path, mlp_model)  # one input: the only array that fits
-    assert data.samples == 8 and data.inputs["x"].dtype == np.float32
+    assert data.n == 8 and data.feeds["x"].dtype == np.float32
     assert load_calibration(path, mlp_model, input_map={"x": "flat"}).sha256 == data.sha256
     with pytest.raises(OptionError, match="--input-map"):
         load_calibration(path, mlp_model, input_map={"x": "missing"})
     with pytest.raises(InputError, match="does not fit"):
         load_calibration(path, mlp_model, input_map={"x": "images"})
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="--calib .*: no such data file"):
         load_calibration(tmp_path / "nope.npz", mlp_model)
     other = random_calibration(mlp_model, 8, seed=1)
-    assert other.samples == 8 and other.sha256 != data.sha256
+    assert other.n == 8 and other.sha256 != data.sha256
 
 
 def test_calibrated_plan_reproduces_whitened_factors(mlp_model):
     layers = find_layers(mlp_model)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((64, 32)).astype(np.float32)
-    data = make_calibration({"x": x}, source="test")
+    data = Dataset({"x": x}, source="test")
     ctx = prepare_search(mlp_model, layers, min_params=0, calibration=data)
     plan = run_search(ctx, "calibrated", parse_budget("params=0.4"))
     covariances = covariances_for_plan(mlp_model, layers, plan, data)
@@ -187,7 +187,7 @@ def test_calibrated_plan_reproduces_whitened_factors(mlp_model):
     measured = float(np.sum((got - original) ** 2) / np.sum(original**2))
     assert measured == pytest.approx(reference_error, rel=1e-3, abs=1e-7)
     # Other data than the plan's is refused unless asked for.
-    other = make_calibration({"x": x[:32]}, source="other")
+    other = Dataset({"x": x[:32]}, source="other")
     with pytest.raises(OptionError, match="sha256"):
         covariances_for_plan(mlp_model, layers, plan, other)
     assert covariances_for_plan(mlp_model, layers, plan, other, strict=False)
@@ -201,7 +201,7 @@ def test_calibrated_beats_data_free_on_output_error(mlp_model):
     layers = find_layers(mlp_model)
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((128, 4)) @ rng.standard_normal((4, 32))).astype(np.float32)
-    data = make_calibration({"x": x}, source="test")
+    data = Dataset({"x": x}, source="test")
     ctx = prepare_search(mlp_model, layers, min_params=0, calibration=data)
     budget = parse_budget("params=0.3")
     calibrated = apply_calibrated_plan(

@@ -36,10 +36,10 @@ def test_second_run_reads_spectra_from_the_cache(mlp_model, tmp_path, monkeypatc
 
 
 def test_calibrated_measurements_are_cached(mlp_model, tmp_path):
-    from onnx_lowrank.calibrate import make_calibration
+    from onnx_lowrank.validate.data import Dataset
 
     layers = find_layers(mlp_model)
-    data = make_calibration({"x": np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)}, source="t")
+    data = Dataset({"x": np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)}, source="t")
     plans = []
     for _ in range(2):
         cache = Cache(tmp_path)

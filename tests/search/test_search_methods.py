@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from onnx_lowrank.calibrate import make_calibration
 from onnx_lowrank.errors import BudgetError, OptionError
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.search import BudgetRequest, allocate, parse_budget, plan_for, plan_totals, prepare_search, run_search
 from onnx_lowrank.search.budget import Budget
 from onnx_lowrank.search.plan import RankPlan
+from onnx_lowrank.validate.data import Dataset
 
 DATA_FREE = ["energy", "global", "continuous"]
 FAST_CONTINUOUS = {"iterations": 40}
@@ -31,7 +31,7 @@ def calibration_for(model, samples: int = 96, seed: int = 0):
     rng = np.random.default_rng(seed)
     name = model.graph.input[0].name
     width = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    return make_calibration({name: rng.standard_normal((samples, width)).astype(np.float32)}, source="test")
+    return Dataset({name: rng.standard_normal((samples, width)).astype(np.float32)}, source="test")
 
 
 def predicted_error(plan: RankPlan, ctx) -> float:
