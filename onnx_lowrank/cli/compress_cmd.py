@@ -10,6 +10,7 @@ import click
 
 from onnx_lowrank import __version__
 from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, parse_pairs, progress, write_json
+from onnx_lowrank.cli.search_cmd import calibration_data
 from onnx_lowrank.cli.validate_cmd import data_options, make_dataset, make_runtime, runtime_options
 from onnx_lowrank.compress import CompressResult, apply_plan, count_params
 from onnx_lowrank.errors import NothingToDo, OptionError
@@ -102,7 +103,7 @@ def compress(
     if not any(layer.supported for layer in layers):
         raise NothingToDo(f"{model_path}: nothing to compress (no supported Gemm/MatMul/Conv layer); no file written")
     sha = model_sha256(model_path)
-    calibration = _calibration(model, calib_path, calib_random, input_map, seed, input_shapes)
+    calibration = calibration_data(model, calib_path, calib_random, input_map, seed, input_shapes)
     if isinstance(request, RankPlan):
         plan = request
     elif search_method is not None:
@@ -196,20 +197,6 @@ def _search(model, layers, method, budget, option_texts, calibration, **prepare)
     options = chosen.resolve_options(parse_pairs(option_texts, "--option"))
     return search_plan(model, layers, chosen, budget, options, cache=open_cache(), calibration=calibration,
                        progress=progress, **prepare)
-
-
-def _calibration(model, calib_path, calib_random, input_map, seed, input_shapes):
-    """Calibration inputs from --calib (matched with --input-map) or --calib-random, or None."""
-    if calib_path and calib_random:
-        raise OptionError("give one of --calib or --calib-random, not both")
-    if not (calib_path or calib_random):
-        return None
-    from onnx_lowrank.calibrate import load_calibration, random_calibration
-
-    if calib_path:
-        return load_calibration(calib_path, model, input_map=parse_pairs(input_map, "--input-map"))
-    info(f"warning: {calib_random} random calibration inputs are a weak proxy for real data; prefer --calib")
-    return random_calibration(model, calib_random, seed=seed, input_shapes=input_shapes)
 
 
 def _data_decomposers(model, layers, plan: RankPlan, calibration) -> dict | None:

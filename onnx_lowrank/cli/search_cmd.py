@@ -33,6 +33,7 @@ from onnx_lowrank.search.budget import Budget, parse_budget
 from onnx_lowrank.search.cache import open_cache
 from onnx_lowrank.search.engine import DEFAULT_MIN_PARAMS, plan_totals, prepare_search, run_search
 from onnx_lowrank.search.plan import RankPlan
+from onnx_lowrank.validate.data import parse_input_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Target:
 @click.option("--input-map", "input_map_texts", multiple=True, metavar="NAME=KEY", help="Feed model input NAME from the .npz array KEY (repeatable).")
 @click.option("--calib-random", type=int, metavar="N", help="N random calibration inputs instead of --calib (a weak proxy).")
 @click.option("--calib-batch", default=32, show_default=True, help="Calibration batch size (bounds activation memory).")
-@click.option("--provider", help="Measure per-layer latency on this execution provider (cpu, cuda, ...): latency guard and latency budgets.")
+@click.option("--provider", help="Measure per-layer latency on this execution provider (cpu, cuda or tensorrt): latency guard and latency budgets.")
 @click.option("--rank-multiple", type=int, help="Ranks are multiples of this [default: 16 with --provider cpu, 8 with cuda, else 1].")
 @click.option("--cache-dir", type=click.Path(path_type=str), help="Cache of spectra and measurements [default: $ONNX_LOWRANK_CACHE or ~/.cache/onnx-lowrank].")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
@@ -85,8 +86,6 @@ def search(
         raise OptionError("give MODEL.onnx (or --list-methods)")
     chosen = registry.get_method(method)
     options = chosen.resolve_options(parse_pairs(option_texts, "--option"))
-    if calib_path and calib_random:
-        raise OptionError("give one of --calib or --calib-random, not both")
     if chosen.needs_calibration and not (calib_path or calib_random):
         raise OptionError(f"--method {method} needs calibration data: give --calib data.npz (or --calib-random N)")
     if calib_batch < 1:
@@ -98,7 +97,11 @@ def search(
     layers = find_layers(model, input_shapes, treat_inputs_as_constants=inputs_as_constants)
     if not any(layer.supported for layer in layers):
         raise NothingToDo(f"{model_path}: nothing to search (no supported Gemm/MatMul/Conv layer); no file written")
-    data = _calibration(model, calib_path, input_map_texts, calib_random, seed, input_shapes, chosen.needs_calibration)
+    if input_map_texts and not (calib_path or calib_random):
+        raise OptionError("--input-map needs --calib")
+    data = calibration_data(
+        model, calib_path, calib_random, input_map_texts, seed, input_shapes, needed=chosen.needs_calibration
+    )
     cache = open_cache(cache_dir, enabled=not no_cache)
     ctx = prepare_search(
         model, layers, min_params=min_params, seed=seed, model_sha256=model_sha256(model_path), cache=cache,
@@ -185,10 +188,11 @@ def _directory(text: str, flag: str) -> Path:
     return path
 
 
-def _calibration(model, calib_path, input_map_texts, calib_random, seed, input_shapes, needed: bool):
+def calibration_data(model, calib_path, calib_random, input_map_texts, seed, input_shapes, *, needed: bool = True):
+    """The calibration inputs --calib (matched with --input-map) or --calib-random describe, or None."""
+    if calib_path and calib_random:
+        raise OptionError("give one of --calib or --calib-random, not both")
     if not (calib_path or calib_random):
-        if input_map_texts:
-            raise OptionError("--input-map needs --calib")
         return None
     if not needed:
         info("note: this method is data-free; the calibration data is not used")
@@ -196,10 +200,9 @@ def _calibration(model, calib_path, input_map_texts, calib_random, seed, input_s
     from onnx_lowrank.calibrate import load_calibration, random_calibration
 
     if calib_path:
-        return load_calibration(calib_path, model, input_map=parse_pairs(input_map_texts, "--input-map"))
+        return load_calibration(calib_path, model, input_map=parse_input_map(input_map_texts))
     info(f"warning: {calib_random} random calibration inputs are a weak proxy for real data; prefer --calib")
     return random_calibration(model, calib_random, seed=seed, input_shapes=input_shapes)
-
 
 def _write(model_path, model, layers, target: Target, plan: RankPlan, totals: dict, overwrite: bool, ctx) -> dict:
     row = {"budget": plan.budget, "label": target.label, "totals": totals, "plan": plan.to_json()}
