@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import click
 
 from onnx_lowrank.errors import LowRankError, NothingToDo
+from onnx_lowrank.jsonfile import json_default
 from onnx_lowrank.shapes import parse_input_shape
 
 
@@ -139,37 +140,20 @@ def console():
 
 
 def echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=_json_default))
+    click.echo(json.dumps(data, indent=2, default=json_default))
 
 
 def write_json(path: str, data: dict) -> None:
-    """Write ``data`` as indented JSON, atomically (temporary file + rename)."""
-    from pathlib import Path
+    """Write ``data`` as indented JSON, atomically (see :mod:`onnx_lowrank.jsonfile`)."""
+    from onnx_lowrank.jsonfile import write_json as write
 
-    from onnx_lowrank.errors import OptionError
-
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise OptionError(f"{path}: directory {parent} does not exist")
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, target)
-
+    write(path, data)
 
 def info(message: str) -> None:
     """A status line on stderr, silenced by --quiet."""
     if not Settings.quiet:
         sys.stdout.flush()  # keep tables on stdout ahead of the status line
         click.echo(message, err=True)
-
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def human(value: float | int | None, unit: str = "") -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from onnx_lowrank import __version__
 from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape_option, json_option, write_json
 from onnx_lowrank.errors import InputError, NothingToDo, OptionError
 from onnx_lowrank.fold import FoldReport, fold_model, inspect_groups
+from onnx_lowrank.jsonfile import read_json
 from onnx_lowrank.model import check_output_path, load_model, save_model
 
 BUDGET_FLAGS = ("--keep", "--keep-params", "--widths")
@@ -103,12 +103,7 @@ def _budget_options(keep, keep_params, widths_path) -> dict | None:
     if widths_path is None:
         return None
     path = Path(widths_path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such widths file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, what="widths")
     if isinstance(data, dict) and isinstance(data.get("widths"), dict):
         data = data["widths"]  # a --report file
     if not isinstance(data, dict):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
 
 from onnx_lowrank.cli.common import info, quiet_option
 from onnx_lowrank.errors import InputError, OutputError
+from onnx_lowrank.jsonfile import read_json, write_text_atomic
 from onnx_lowrank.model import check_output_path
 from onnx_lowrank.report_html import PLOTS_HINT, build_html, merge_reports
 
@@ -37,9 +36,7 @@ def report(report_paths, output_path, png_dir, title, no_plots, overwrite):
     reports = [_read(path) for path in report_paths]
     merged, notes = merge_reports(reports)
     page = build_html(merged, title=title, plots=not no_plots)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page.html, encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, page.html)
     if png_dir is not None:
         for name, data in page.images.items():
             (Path(png_dir) / f"{name}.png").write_bytes(data)
@@ -51,13 +48,7 @@ def report(report_paths, output_path, png_dir, title, no_plots, overwrite):
 
 
 def _read(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"{path}: no such report file")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, what="report")
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data

@@ -15,12 +15,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from onnx_lowrank.errors import InputError
+from onnx_lowrank.jsonfile import read_json, write_json
 
 PLAN_FORMAT = "onnx-lowrank-plan"
 PLAN_VERSION = 1
@@ -143,19 +142,9 @@ class RankPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as indented JSON (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RankPlan:
         """Read a plan file; malformed files raise :class:`InputError`."""
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: no such plan file")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_json(data)
+        return cls.from_json(read_json(path, what="plan"))

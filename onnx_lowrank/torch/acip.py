@@ -23,13 +23,11 @@ other op), so this works on any model the interpreter runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +37,7 @@ from torch import nn
 
 from onnx_lowrank.decompose.svd import full_svd
 from onnx_lowrank.errors import BudgetError, InputError, NothingToDo, OptionError
+from onnx_lowrank.jsonfile import read_json, write_json
 from onnx_lowrank.layers import Layer, find_layers, weight_matrix
 from onnx_lowrank.search.analysis import candidate_layers
 from onnx_lowrank.search.budget import fraction_budget
@@ -218,21 +217,11 @@ class AcipRanking:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the ranking as JSON (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json()) + "\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_json(), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AcipRanking:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: no such ACIP ranking file")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_json(data)
+        return cls.from_json(read_json(path, what="ACIP ranking"))
 
 
 def _cost(layer: Layer, rank: int) -> int:

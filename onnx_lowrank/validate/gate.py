@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ import numpy as np
 
 from onnx_lowrank import __version__
 from onnx_lowrank.errors import InputError, OptionError
+from onnx_lowrank.jsonfile import read_json, write_json
 from onnx_lowrank.model import model_sha256
 from onnx_lowrank.validate.accuracy import (
     ComparisonResult,
@@ -200,12 +200,7 @@ class Baseline:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Baseline:
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: no baseline file (run with --update-baseline to create it)")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path, what="baseline", missing_hint=" (run with --update-baseline to create it)")
         if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:
             raise InputError(f"{path}: not an onnx-lowrank baseline (no \"format\": \"{BASELINE_FORMAT}\")")
         if data.get("version") != BASELINE_VERSION:
@@ -230,10 +225,7 @@ def save_baseline(path: str | os.PathLike, measurement: GateMeasurement) -> Path
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OptionError(f"--baseline {path}: directory {parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(measurement.to_baseline(), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, measurement.to_baseline())
 
 
 @dataclasses.dataclass(frozen=True)
