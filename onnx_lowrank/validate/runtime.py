@@ -228,19 +228,25 @@ def create_session(model: ModelLike, options: RuntimeOptions, *, label: str | No
     session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = _provider_list(options)
     label = label or (str(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "model"))
+    quiet = options.provider != "cpu" and not log.isEnabledFor(logging.DEBUG)
     try:
+        if quiet:  # a provider library that fails to load is reported below in one line, not by ORT's logger
+            ort.set_default_logger_severity(4)
         with _model_source(model) as source:
             ort_session = ort.InferenceSession(source, sess_options=session_options, providers=providers)
     except _ORT_LOAD_ERRORS as exc:
         text = first_line(exc)
         if options.provider != "cpu" and any(word in text for word in ("CUDA", "cuda", "TensorRT", "cudnn", "libcu")):
-            raise ProviderUnavailable(f"--provider {options.provider}: {wanted} failed to load: {text}") from None
+            raise ProviderUnavailable(f"--provider {options.provider}: {wanted} is not available: {text}") from None
         raise InputError(f"{label}: onnxruntime cannot load the model ({text})") from None
+    finally:
+        if quiet:
+            ort.set_default_logger_severity(2)  # onnxruntime's default (warnings)
     used = ort_session.get_providers()[0]
     if used != wanted:
         raise ProviderUnavailable(
-            f"--provider {options.provider}: {wanted} could not be loaded (onnxruntime fell back to {used}); "
-            "check the CUDA/cuDNN libraries onnxruntime-gpu needs"
+            f"--provider {options.provider}: {wanted} is not available: its library could not be loaded "
+            f"(onnxruntime fell back to {used}); check the CUDA/cuDNN libraries onnxruntime-gpu needs"
         )
     log.debug("session %s on %s (providers %s)", label, used, ort_session.get_providers())
     return Session(ort_session, options, used, label)

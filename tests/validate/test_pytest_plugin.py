@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -16,6 +17,10 @@ import onnx_lowrank.validate.gate  # noqa: F401
 pytest_plugins = ["pytester"]
 
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugins" / "pytest-onnx-lowrank"
+# Installed (as CI does), pytest loads the plugin through its pytest11 entry point, and a
+# second "-p" of the same module is an error; from the source tree it needs the "-p".
+INSTALLED = any(e.name == "onnx_lowrank" for e in importlib.metadata.entry_points(group="pytest11"))
+LOAD = () if INSTALLED else ("-p", "pytest_onnx_lowrank.plugin")
 
 
 @pytest.fixture
@@ -48,7 +53,7 @@ def test_gate_fixture_passes_fails_and_writes_results(project):
         """
     )
     # a separate process, as a CI job would run it: the plugin found through PYTHONPATH only
-    result = project.runpytest_subprocess("-p", "pytest_onnx_lowrank.plugin", "--onnx-lowrank-results", "out/results.json")
+    result = project.runpytest_subprocess(*LOAD, "--onnx-lowrank-results", "out/results.json")
     result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines([
         "*onnx-lowrank gate failed: accuracy drop (points) of logits is * > max_accuracy_drop=0.5; "
@@ -75,9 +80,9 @@ def test_gate_fixture_with_a_baseline(project):
                               tolerances=["speedup:60%"], iters=20, warmup=2)
         """
     )
-    project.runpytest("-p", "pytest_onnx_lowrank.plugin", "--onnx-lowrank-update-baseline").assert_outcomes(passed=1)
+    project.runpytest(*LOAD, "--onnx-lowrank-update-baseline").assert_outcomes(passed=1)
     assert (project.path / "base.json").exists()
-    project.runpytest("-p", "pytest_onnx_lowrank.plugin").assert_outcomes(passed=1)
+    project.runpytest(*LOAD).assert_outcomes(passed=1)
 
 
 def test_gate_errors_fail_the_test_in_one_line(project):
@@ -91,7 +96,7 @@ def test_gate_errors_fail_the_test_in_one_line(project):
                               tolerances=["speedup"])
         """
     )
-    result = project.runpytest("-p", "pytest_onnx_lowrank.plugin")
+    result = project.runpytest(*LOAD)
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([
         "*onnx-lowrank gate could not run: nope.onnx: no such file*",
