@@ -16,7 +16,8 @@ the ideal one (the FLOP ratio of the factorized layers). Results go to ``$OUT`` 
 
 It fails loudly (exit 2) when CUDA was asked for and is not the provider actually used.
 
-Adding a model (all-MiniLM-L6-v2, say): write ``def build_x(quick: bool) -> ModelCase`` and
+``minilm_shaped`` is all-MiniLM-L6-v2's architecture with random weights (its latency, not its
+accuracy, is what this suite measures). Adding a model: write ``def build_x(quick: bool) -> ModelCase`` and
 append it to ``MODEL_BUILDERS``; a builder that raises ``SkipCase`` (e.g. a file not present)
 is reported and skipped.
 """
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,6 +137,34 @@ def build_big_matmul(quick: bool) -> ModelCase:
     )
 
 
+def build_minilm_shaped(quick: bool) -> ModelCase:
+    """An encoder shaped like all-MiniLM-L6-v2 (hidden 384, 12 heads, FFN 1536, 6 layers, 128
+    tokens), exported by torch with random weights: its latency is what the GPU figures need, and
+    the real model's 90 MB of weights cannot travel to the GPU machine."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise SkipCase(f"torch is needed to export it ({exc})") from None
+    hidden, heads, inner, layers, tokens = (64, 4, 256, 2, 16) if quick else (384, 12, 1536, 6, 128)
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(hidden, heads, inner, dropout=0.0, activation="gelu", batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            encoder, (torch.randn(1, tokens, hidden),), buffer, input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    model.ir_version = min(model.ir_version, 9)
+    return ModelCase(
+        "minilm_shaped" + ("_quick" if quick else ""), model, _random_feeds("x", (tokens, hidden)),
+        {"x": (1, tokens, hidden)},
+        note=f"{layers}-layer encoder, hidden {hidden}, FFN {inner}, {tokens} tokens per sample (random weights)",
+    )
+
+
 # The hook: every model the suite measures. Append a builder to add one.
 MODEL_BUILDERS: list[Callable[[bool], ModelCase]] = [
     _sample("digits_mlp", "input_flat"),
@@ -142,6 +173,7 @@ MODEL_BUILDERS: list[Callable[[bool], ModelCase]] = [
     _sample("digits_transformer", "input_image"),
     build_bert_large_mlp,
     build_big_matmul,
+    build_minilm_shaped,
 ]
 
 
