@@ -287,3 +287,15 @@ def test_search_flags_are_checked(tmp_path, model_path):
     assert "--budget goes with --search" in _bad(tmp_path, model_path, "--budget", "params=0.5")
     assert "needs calibration data" in _bad(tmp_path, model_path, "--search", "calibrated", "--keep-params", 0.5)
     assert "unknown" in _bad(tmp_path, model_path, "--search", "nonsense", "--keep-params", 0.5).lower()
+
+
+def test_outputs_over_the_protobuf_limit_use_external_data(tmp_path, monkeypatch):
+    import onnx_lowrank.model as model_module
+
+    src = _mlp(tmp_path)
+    monkeypatch.setattr(model_module, "PROTOBUF_LIMIT_BYTES", 10_000)  # stand-in for 2 GB
+    out = tmp_path / "big.onnx"
+    assert invoke("compress", src, "-o", out, "--rank", 8, "--min-params", 100).exit_code == 0
+    assert (tmp_path / "big.onnx.data").exists()
+    x = np.random.default_rng(3).standard_normal((2, 80)).astype(np.float32)
+    assert run(onnx.load(str(out)), {"x": x})[0].shape == (2, 10)
