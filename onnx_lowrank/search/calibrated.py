@@ -29,11 +29,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnx_lowrank.decompose.svd import Spectrum, SVDFactors, full_svd
 from onnx_lowrank.errors import InputError, OptionError
-from onnx_lowrank.layers import Layer, weight_matrix, weight_source
+from onnx_lowrank.layers import Layer, weight_matrix
 from onnx_lowrank.search import allocate
 from onnx_lowrank.search.budget import Budget
 from onnx_lowrank.search.cache import Cache
@@ -407,52 +406,17 @@ def covariances_for_plan(
     return capture_covariances(model, wanted, data, batch_size=batch_size) if wanted else {}
 
 
-def apply_calibrated_plan(model: onnx.ModelProto, layers: list[Layer], plan: RankPlan, covariances, *, on_layer=None):
-    """``compress.apply_plan`` for plans with ``svd-whitened`` layers, without a new decomposer.
+def plan_decomposers(plan: RankPlan, covariances: Mapping[str, np.ndarray] | None) -> dict | None:
+    """The factorize decomposers a plan's data-dependent layers need (None if it has none)."""
+    if not any(d.method == WHITENED for d in plan.factorized().values()):
+        return None
+    return {WHITENED: whitened_decomposer(covariances or {}, plan_damping(plan))}
 
-    Each such layer's weight is first replaced (in a copy) by its whitened rank-r
-    approximation ``L @ R``; the plain truncated SVD of that exactly-rank-r matrix at rank r
-    reproduces the same product, so the existing ``svd`` rewrite emits the whitened layer. The
-    returned result carries the original plan.
-    """
+
+def apply_calibrated_plan(model: onnx.ModelProto, layers: list[Layer], plan: RankPlan, covariances, *, on_layer=None):
+    """``compress.apply_plan`` with the ``svd-whitened`` decomposer over ``covariances``."""
     from onnx_lowrank.compress import apply_plan
 
-    damping = plan_damping(plan)
-    by_name = {layer.name: layer for layer in layers}
-    substituted = onnx.ModelProto()
-    substituted.CopyFrom(model)
-    plain_layers = {}
-    for name, decision in plan.layers.items():
-        if decision.action == "factorize" and decision.method == WHITENED and name in by_name:
-            layer = by_name[name]
-            covariance = covariances.get(name)
-            if covariance is None:
-                raise InputError(f"plan layer {name}: svd-whitened needs its calibration covariance (give --calib)")
-            matrix = weight_matrix(model, layer)
-            write_weight(substituted, layer, approximation(matrix, covariance, decision.rank, damping, WHITENED))
-            decision = dataclasses.replace(decision, method="svd")
-        plain_layers[name] = decision
-    result = apply_plan(substituted, layers, dataclasses.replace(plan, layers=plain_layers), on_layer=on_layer)
-    return dataclasses.replace(result, plan=plan)
+    return apply_plan(model, layers, plan, on_layer=on_layer, decomposers=plan_decomposers(plan, covariances))
 
 
-def write_weight(model: onnx.ModelProto, layer: Layer, canonical: np.ndarray) -> None:
-    """Store a canonical (out, in) matrix as ``layer``'s weight of ``model`` (in place)."""
-    source = weight_source(model, layer)
-    stored = canonical.T if layer.form == "in_out" else canonical
-    array = np.ascontiguousarray(stored.reshape(layer.weight_shape))
-    graph = source.scope.graph
-    if source.kind == "initializer":
-        for init in graph.initializer:
-            if init.name == source.stored_name:
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-                init.CopyFrom(numpy_helper.from_array(array.astype(dtype), source.stored_name))
-                return
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == source.stored_name:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    dtype = onnx.helper.tensor_dtype_to_np_dtype(attr.t.data_type)
-                    attr.t.CopyFrom(numpy_helper.from_array(array.astype(dtype), attr.t.name))
-                    return
-    raise InputError(f"layer {layer.name}: cannot rewrite its weight {layer.weight!r} in place")
