@@ -11,24 +11,16 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from digits import MODELS, SAMPLES
 
 from onnx_lowrank.compress import apply_plan
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import load_model
 from onnx_lowrank.search import BudgetRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-MODELS = {
-    "digits_mlp": "input_flat",
-    "digits_cnn": "input_image",
-    "digits_resnet": "input_image",
-    "digits_transformer": "input_image",
-}
 
 
 def accuracy(model_bytes: bytes, inputs: np.ndarray, labels: np.ndarray) -> float:

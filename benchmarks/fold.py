@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from digits import MODELS, SAMPLES
 
 from onnx_lowrank.compress import apply_plan, count_params
 from onnx_lowrank.errors import BudgetError
@@ -35,13 +35,6 @@ from onnx_lowrank.search.budget import fraction_budget
 from onnx_lowrank.validate.latency import measure_interleaved
 from onnx_lowrank.validate.runtime import RuntimeOptions, create_session
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-MODELS = {
-    "digits_mlp": "input_flat",
-    "digits_cnn": "input_image",
-    "digits_resnet": "input_image",
-    "digits_transformer": "input_image",
-}
 SPLITS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)  # fold keeps tried before SVD in fold + SVD
 MIN_PARAMS = 4096  # compress's default --min-params
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from digits import MODELS, SAMPLES
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -35,13 +35,6 @@ from onnx_lowrank.search.budget import fraction_budget
 from onnx_lowrank.torch.acip import AcipOptions, acip_ranking
 from onnx_lowrank.torch.finetune import FinetuneOptions, finetune
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-MODELS = {
-    "digits_mlp": "input_flat",
-    "digits_cnn": "input_image",
-    "digits_resnet": "input_image",
-    "digits_transformer": "input_image",
-}
 N_UNLABELED = 1000
 MIN_PARAMS = 4096  # compress's default
 

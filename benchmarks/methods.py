@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from digits import SAMPLES
 
 from onnx_lowrank.compress import apply_plan
 from onnx_lowrank.layers import find_layers
@@ -26,7 +26,6 @@ from onnx_lowrank.search.budget import fraction_budget
 from onnx_lowrank.search.error_bound import plan_with_methods
 from onnx_lowrank.validate.latency import measure_pair
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 MODELS = ("digits_cnn", "digits_resnet")
 METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd", "tucker", "tt")}
 

@@ -24,9 +24,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # 2 shared cores: see benchm
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from digits import MODELS, SAMPLES  # noqa: E402
 
 from onnx_lowrank.calibrate import load_calibration  # noqa: E402
 from onnx_lowrank.compress import apply_plan  # noqa: E402
@@ -43,14 +43,6 @@ from onnx_lowrank.search.calibrated import (  # noqa: E402
 from onnx_lowrank.search.engine import search_plan  # noqa: E402
 from onnx_lowrank.validate.capture import capture  # noqa: E402
 from onnx_lowrank.validate.data import Dataset  # noqa: E402
-
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-MODELS = {
-    "digits_mlp": "input_flat",
-    "digits_cnn": "input_image",
-    "digits_resnet": "input_image",
-    "digits_transformer": "input_image",
-}
 
 
 def logits(model, data: Dataset) -> np.ndarray:

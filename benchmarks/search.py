@@ -37,6 +37,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from digits import MODELS, SAMPLES  # noqa: E402
 
 from onnx_lowrank.calibrate import load_calibration  # noqa: E402
 from onnx_lowrank.compress import apply_plan  # noqa: E402
@@ -49,13 +50,6 @@ from onnx_lowrank.search.calibrated import WHITENED, apply_calibrated_plan  # no
 from onnx_lowrank.search.registry import discover  # noqa: E402
 from onnx_lowrank.validate.data import Dataset  # noqa: E402
 
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
-MODELS = {
-    "digits_mlp": "input_flat",
-    "digits_cnn": "input_image",
-    "digits_resnet": "input_image",
-    "digits_transformer": "input_image",
-}
 METHODS = ("energy", "global", "continuous", "calibrated")
 
 
