@@ -4,41 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-
-IR_VERSION = 9  # onnx 1.23 stamps IR 14, which onnxruntime 1.31 refuses
-SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[2] / "sample_models"
-
-
-def make_model(nodes, inputs, outputs, initializers=(), *, opset=17, value_info=()):
-    graph = helper.make_graph(
-        list(nodes), "fold_test", list(inputs), list(outputs), list(initializers), value_info=list(value_info)
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def tensor(name, array):
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
-
-
-def value(name, shape, elem_type=TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, elem_type, shape)
-
-
-def run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
-def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    actual = actual.astype(np.float64)
-    expected = expected.astype(np.float64)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+from onnx import helper, numpy_helper
+from onnx_testing import SAMPLES, make_model, rel_error, run, tensor, value  # noqa: F401 (re-exported)
 
 
 def duplicated(rng: np.random.Generator, distinct: int, width: int) -> np.ndarray:

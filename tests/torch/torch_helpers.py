@@ -4,33 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-
-IR_VERSION = 9  # onnx 1.23 stamps IR 14, which onnxruntime 1.31 refuses
-
-
-def make_model(nodes, inputs, outputs, initializers=(), *, opset=17, check=True):
-    graph = helper.make_graph(list(nodes), "test", list(inputs), list(outputs), list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
-    if check:
-        onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def tensor(name, array):
-    return numpy_helper.from_array(np.array(array, order="C"), name)  # keeps 0-d arrays 0-d
-
-
-def value(name, shape, elem_type=TensorProto.FLOAT):
-    return helper.make_tensor_value_info(name, elem_type, shape)
-
-
-def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+from onnx import helper
+from onnx_testing import make_model, tensor, value  # noqa: F401 (re-exported)
+from onnx_testing import run as ort_run  # noqa: F401 (re-exported)
 
 
 def mlp(seed: int = 0, *, n_in: int = 16, hidden: int = 32, n_out: int = 6, rank: int | None = None) -> onnx.ModelProto:
