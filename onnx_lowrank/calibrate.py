@@ -255,6 +255,31 @@ class OutputProbe:
     def can_substitute(self, layer_name: str) -> bool:
         return layer_name in self._weights
 
+    @property
+    def output_names(self) -> list[str]:
+        """The model's output names, in the order :meth:`outputs` returns them."""
+        return list(self._session.output_names)
+
+    def reference(self) -> dict[str, np.ndarray]:
+        """The unmodified model's outputs on every probe sample (batches concatenated)."""
+        return _concatenate(self.output_names, self._reference)
+
+    def outputs(self, substitutions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs on every probe sample (batches concatenated) with the layers'
+        canonical (out, in) matrices replaced by ``substitutions``; counts as one run."""
+        feeds = self._feeds(substitutions)
+        results = [list(self._session.run({**batch, **feeds}).values()) for batch in self._batches]
+        self.runs += 1
+        return _concatenate(self.output_names, results)
+
+    def _feeds(self, substitutions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, matrix in substitutions.items():
+            stored, form, shape, dtype = self._weights[name]
+            array = matrix.T if form == "in_out" else matrix
+            feeds[stored] = np.ascontiguousarray(array.reshape(shape).astype(dtype))
+        return feeds
+
     def relative_error(self, substitutions: dict[str, np.ndarray]) -> float:
         """``sum ||y - y0||^2 / sum ||y0||^2`` over every output and sample, with the layers'
         canonical (out, in) matrices replaced by ``substitutions``."""
@@ -269,6 +294,10 @@ class OutputProbe:
             total += sum(_sq_norm(y - y0) for y, y0 in zip(outputs, reference))
         self.runs += 1
         return float(total / self._norm)
+
+
+def _concatenate(names: list[str], batches: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([np.atleast_1d(b[i]) for b in batches], axis=0) for i, name in enumerate(names)}
 
 
 def _sq_norm(array: np.ndarray) -> float:

@@ -48,9 +48,19 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @click.option("--latency-guard", is_flag=True, help="--search never picks a rank that measures slower than dense on --provider.")
 @click.option(
     "--method", "method", default="svd", show_default=True,
-    type=click.Choice(["svd", "tucker", "tt", "auto"]),
-    help="Decomposition: svd, tucker (Conv), tt (Conv and Linear), or auto (per layer, the fewest values at the error target).",
+    type=click.Choice(["svd", "tucker", "tt", "auto", "floor", "greedy"]),
+    help="Decomposition: svd, tucker (Conv), tt (Conv and Linear), or auto (per layer, the fewest values at the error target). "
+    "With --floor: floor (default; whitened SVD, measured global allocation) or greedy (AIMET-style baseline).",
 )
+@click.option("--floor", "floor_texts", multiple=True, metavar="METRIC=VALUE",
+              help="Accuracy floor on --data's held-back part: top1-agreement=0.99, cosine=0.995, rel-error=0.02, "
+              "accuracy-drop=0.5 (points, needs labels). Repeatable; replaces the budget flags.")
+@click.option("--minimize", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
+              help="With --floor: what to minimize (latency is measured per layer on --provider).")
+@click.option("--holdout", default=0.3, show_default=True, help="With --floor: fraction of --data held back for the final check.")
+@click.option("--output-name", help="With --floor: the model output the floors apply to (default: the first).")
+@click.option("--max-evals", type=int, metavar="N", help="With --floor: at most N new layer x rank evaluations.")
+@click.option("--time-budget", type=float, metavar="SECONDS", help="With --floor: stop new evaluations after this long.")
 @click.option("--fold", "fold_keep", type=float, metavar="F",
               help="Fold first (each foldable group keeps F of its neurons, k-means + repair), then factorize.")
 @click.option("--min-params", default=4096, show_default=True, help="Leave layers with fewer weight values alone.")
@@ -73,11 +83,21 @@ def compress(
     option_texts, calib_path, calib_random, latency_guard, method, fold_keep, min_params, save_plan,
     report_path, overwrite, inputs_as_constants, external_data, run_validation, data_path, random_n, labels_path,
     labels_key, input_map, input_shapes, seed, provider, threads, tf32, spin, bench_batch, as_json,
+    floor_texts=(), minimize="params", holdout=0.3, output_name=None, max_evals=None, time_budget=None,
 ):
     """Replace weight matrices and conv kernels of MODEL.onnx by low-rank factors.
 
-    Exactly one of --keep-params, --keep-flops, --energy, --rank or --plan says how much.
+    Exactly one of --keep-params, --keep-flops, --energy, --rank or --plan says how much, or
+    --floor with --data: the smallest (--minimize) model keeping the floor on held-back data.
     """
+    if floor_texts or method in ("floor", "greedy"):
+        _compress_to_floor(
+            model_path, output_path, overwrite, floor_texts, method, minimize, holdout, output_name, max_evals,
+            time_budget, min_params, report_path, save_plan, data_path, labels_path, labels_key, input_map,
+            seed, provider, as_json, budget_flags=(keep_params, keep_flops, energy, rank_text, plan_path, search_method,
+                                                   budget_text, fold_keep, random_n, calib_path, calib_random),
+        )
+        return
     if search_method is not None:
         request = _search_budget(budget_text, keep_params, keep_flops, energy, rank_text, plan_path)
     elif budget_text is not None:
@@ -158,6 +178,81 @@ def compress(
         if "validation" in report:
             print_validation(report)
         info(f"wrote {output_path}")
+
+
+FLOOR_METHODS = {"floor": "floor", "greedy": "greedy", "svd": "floor"}
+
+
+def _compress_to_floor(
+    model_path, output_path, overwrite, floor_texts, method, minimize, holdout, output_name, max_evals, time_budget,
+    min_params, report_path, save_plan, data_path, labels_path, labels_key, input_map, seed, provider, as_json,
+    *, budget_flags,
+):
+    """--floor: parse, call :func:`onnx_lowrank.floor.compress_to_floor`, write, print."""
+    from onnx_lowrank.floor import compress_to_floor, parse_floors
+    from onnx_lowrank.validate.data import load_dataset, parse_input_map
+    from onnx_lowrank.validate.runtime import input_specs
+
+    if not floor_texts:
+        raise OptionError(f"--method {method} goes with --floor METRIC=VALUE")
+    if method not in FLOOR_METHODS:
+        raise OptionError(f"--floor uses --method floor (default) or greedy, not {method}")
+    if any(v is not None for v in budget_flags):
+        raise OptionError(
+            "--floor replaces --keep-params/--keep-flops/--energy/--rank/--plan/--search/--budget/--fold "
+            "and takes real inputs with --data (not --random or --calib)"
+        )
+    if data_path is None:
+        raise OptionError("--floor needs --data FILE.npz (split into calibration and held-back parts)")
+    for flag, value in (("--max-evals", max_evals), ("--time-budget", time_budget)):
+        if value is not None and value < 0:
+            raise OptionError(f"{flag} must be >= 0, got {value}")
+    floors = parse_floors(floor_texts, output=output_name)
+    check_output_path(Path(output_path), overwrite=overwrite, input_path=model_path)
+    model = load_model(model_path)
+    data = load_dataset(
+        data_path, input_specs(model), input_map=parse_input_map(input_map), labels_path=labels_path,
+        labels_key=labels_key,
+    )
+    layers = find_layers(model)
+    result = compress_to_floor(
+        model, layers, data, floors, minimize, method=FLOOR_METHODS[method], provider=provider, seed=seed,
+        holdout=holdout, cache=open_cache(), progress=progress, max_evals=max_evals, time_budget=time_budget,
+        min_params=min_params, model_sha256=model_sha256(model_path),
+    )
+    external = True if file_uses_external_data(model_path) else None
+    save_model(result.model, output_path, overwrite=overwrite, input_path=model_path, external_data=external)
+    report = build_report(model_path, output_path, result.compressed)
+    report["floor"] = result.report
+    if save_plan:
+        result.plan.save(save_plan)
+    if report_path:
+        write_json(report_path, report)
+    if as_json:
+        echo_json(report)
+        return
+    print_summary(report)
+    print_floor(result.report)
+    info(f"wrote {output_path}")
+
+
+def print_floor(floor: dict) -> None:
+    """The analysis size, the chosen point (predicted vs realized) and the held-back check."""
+    out = console()
+    analysis = floor["analysis"]
+    split = floor["split"]
+    out.print(
+        f"floor analysis: {analysis['evaluations']} layer x rank evaluations ({analysis['evaluated']} run, "
+        f"{analysis['cached']} cached) in {analysis['seconds']:.2f} s; split {split['calibration']['samples']} "
+        f"calibration / {split['held_back']['samples']} held back (seed {split['seed']})"
+    )
+    chosen, held = floor["chosen"], floor["held_back"]
+    for key, predicted in chosen["predicted"].items():
+        out.print(
+            f"{key}: predicted {predicted:.4f}, calibration {chosen['realized_calibration'][key]:.4f}, "
+            f"held back {held['realized'][key]:.4f}"
+        )
+    out.print(f"{floor['objective']} kept: {chosen['cost_kept']:.1%} of the candidate layers' ({floor['method']})")
 
 
 def _absolute_budget(budget: Budget, layers) -> Budget:

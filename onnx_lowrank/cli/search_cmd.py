@@ -67,12 +67,22 @@ class Target:
 @click.option("--overwrite", is_flag=True, help="Replace existing plan and model files.")
 @click.option("--inputs-as-constants", is_flag=True, help="Factorize weights that are also graph inputs (IR >= 4).")
 @click.option("--list-methods", is_flag=True, help="List the search methods (built-in and plugins) and exit.")
+@click.option("--floor", "floor_texts", multiple=True, metavar="METRIC=VALUE",
+              help="Plan the smallest model keeping this accuracy floor on --calib's held-back part (see compress --floor); "
+              "--method floor (default) or greedy.")
+@click.option("--minimize", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
+              help="With --floor: what to minimize (latency on --provider, default cpu).")
+@click.option("--holdout", default=0.3, show_default=True, help="With --floor: fraction of --calib held back for the final check.")
+@click.option("--output-name", help="With --floor: the output the floors apply to (default: the first).")
+@click.option("--max-evals", type=int, metavar="N", help="With --floor: at most N new layer x rank evaluations.")
+@click.option("--time-budget", type=float, metavar="SECONDS", help="With --floor: stop new evaluations after this long.")
 @input_shape_option
 @json_option
 def search(
     model_path, budget_text, sweep_text, method, option_texts, output_path, emit_dir, seed, min_params, calib_path,
     input_map_texts, calib_random, calib_batch, provider, rank_multiple, cache_dir, no_cache, overwrite,
-    inputs_as_constants, list_methods, input_shapes, as_json,
+    inputs_as_constants, list_methods, input_shapes, as_json, floor_texts=(), minimize="params", holdout=0.3,
+    output_name=None, max_evals=None, time_budget=None,
 ):
     """Choose per-layer ranks for MODEL.onnx under a budget and write the RankPlan.
 
@@ -84,6 +94,13 @@ def search(
         return
     if model_path is None:
         raise OptionError("give MODEL.onnx (or --list-methods)")
+    if floor_texts:
+        _search_floor(
+            model_path, floor_texts, method, minimize, holdout, output_name, max_evals, time_budget, output_path,
+            overwrite, seed, min_params, calib_path, input_map_texts, provider, cache_dir, no_cache, as_json,
+            conflicts=(budget_text, sweep_text, emit_dir, calib_random),
+        )
+        return
     chosen = registry.get_method(method)
     options = chosen.resolve_options(parse_pairs(option_texts, "--option"))
     if chosen.needs_calibration and not (calib_path or calib_random):
@@ -128,6 +145,50 @@ def search(
         _print_plan(rows[0], results[0][1])
     else:
         _print_sweep(report)
+
+
+def _search_floor(
+    model_path, floor_texts, method, minimize, holdout, output_name, max_evals, time_budget, output_path, overwrite,
+    seed, min_params, calib_path, input_map_texts, provider, cache_dir, no_cache, as_json, *, conflicts,
+):
+    """``search --floor``: the plan of :func:`onnx_lowrank.floor.compress_to_floor` (no model written)."""
+    from onnx_lowrank.floor import compress_to_floor, parse_floors
+    from onnx_lowrank.validate.data import load_dataset
+    from onnx_lowrank.validate.runtime import input_specs
+
+    floors = parse_floors(floor_texts, output=output_name)
+    if any(v is not None for v in conflicts):
+        raise OptionError("--floor replaces --budget/--sweep/--emit and needs real data with --calib (not --calib-random)")
+    if calib_path is None:
+        raise OptionError("--floor needs --calib FILE.npz (split into calibration and held-back parts)")
+    methods = {"global": "floor", "floor": "floor", "greedy": "greedy"}
+    if method not in methods:
+        raise OptionError(f"--method with --floor must be floor or greedy, got {method!r}")
+    if output_path is not None:
+        check_output_path(Path(output_path), overwrite=overwrite, input_path=model_path)
+    model = load_model(model_path)
+    data = load_dataset(calib_path, input_specs(model), input_map=parse_input_map(input_map_texts), flag="--calib")
+    result = compress_to_floor(
+        model, find_layers(model), data, floors, minimize, method=methods[method], provider=provider or "cpu",
+        seed=seed, holdout=holdout, cache=open_cache(cache_dir, enabled=not no_cache), progress=progress,
+        max_evals=max_evals, time_budget=time_budget, min_params=min_params, model_sha256=model_sha256(model_path),
+    )
+    if output_path is not None:
+        result.plan.save(output_path)
+    report = {"model": model_path, "plan": result.plan.to_json(), "floor": result.report}
+    if output_path is not None:
+        report["plan_path"] = output_path
+    if as_json:
+        echo_json(report)
+        return
+    chosen, held = result.report["chosen"], result.report["held_back"]
+    console().print(
+        f"floor plan ({result.report['method']}): {len(result.plan.factorized())} layers factorized, "
+        f"{minimize} kept {chosen['cost_kept']:.1%}; held back: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in held["realized"].items() if k in chosen["predicted"] and v is not None)
+    )
+    if output_path is not None:
+        info(f"wrote {output_path}")
 
 
 def _budgets(budget_text: str | None, sweep_text: str | None) -> list[Budget]:
@@ -223,14 +284,10 @@ def _write(model_path, model, layers, target: Target, plan: RankPlan, totals: di
 
 
 def _apply(model, layers, plan: RankPlan, ctx):
-    from onnx_lowrank.compress import apply_plan
-    from onnx_lowrank.search.calibrated import WHITENED, plan_damping, whitened_decomposer
+    from onnx_lowrank.search.calibrated import apply_calibrated_plan
 
-    decomposers = None
-    if any(d.method == WHITENED for d in plan.factorized().values()):
-        decomposers = {WHITENED: whitened_decomposer(ctx.calibration.covariances, plan_damping(plan))}
-    return apply_plan(model, layers, plan, decomposers=decomposers)
-
+    covariances = ctx.calibration.covariances if ctx.calibration is not None else None
+    return apply_calibrated_plan(model, layers, plan, covariances)
 
 def _list_methods(as_json: bool) -> None:
     entries = registry.discover()
