@@ -45,6 +45,10 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @click.option("--calib", "calib_path", type=click.Path(path_type=str),
               help="Calibration inputs (.npz) for --search calibrated, or to reproduce a calibrated --plan.")
 @click.option("--calib-random", type=int, metavar="N", help="N random calibration inputs instead of --calib (a weak proxy).")
+@click.option("--refit", is_flag=True,
+              help="After factorizing, refit the SVD factors layer by layer on --calib data to match the original "
+                   "layers' outputs (later layers correct earlier ones' error; ridge-anchored to the weights).")
+@click.option("--refit-alpha", type=float, default=0.1, show_default=True, help="Ridge weight of --refit (relative).")
 @click.option("--latency-guard", is_flag=True, help="--search never picks a rank that measures slower than dense on --provider.")
 @click.option(
     "--method", "method", default="svd", show_default=True,
@@ -80,7 +84,7 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @json_option
 def compress(
     model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, search_method, budget_text,
-    option_texts, calib_path, calib_random, latency_guard, method, fold_keep, min_params, save_plan,
+    option_texts, calib_path, calib_random, refit, refit_alpha, latency_guard, method, fold_keep, min_params, save_plan,
     report_path, overwrite, inputs_as_constants, external_data, run_validation, data_path, random_n, labels_path,
     labels_key, input_map, input_shapes, seed, provider, threads, tf32, spin, bench_batch, as_json,
     floor_texts=(), minimize="params", holdout=0.3, output_name=None, max_evals=None, time_budget=None,
@@ -150,10 +154,15 @@ def compress(
     decomposers = _data_decomposers(model, layers, plan, calibration)
     with progress("factorize", len(plan.factorized())) as advance:
         result = apply_plan(model, layers, plan, on_layer=advance, decomposers=decomposers)
+    refit_report = None
+    if refit:
+        result, refit_report = _refit(model, result, layers, plan, calibration, refit_alpha)
     if external_data is None and file_uses_external_data(model_path):
         external_data = True  # keep the input's storage layout
     save_model(result.model, output_path, overwrite=overwrite, input_path=model_path, external_data=external_data)
     report = build_report(model_path, output_path, result)
+    if refit_report is not None:
+        report["refit"] = refit_report.to_json()
     if fold_report is not None:
         report["fold"] = fold_report.to_json()
         totals = report["totals"]
@@ -175,6 +184,14 @@ def compress(
         echo_json(report)
     else:
         print_summary(report)
+        if "refit" in report:
+            refit_rows = report["refit"]["layers"]
+            before = sum(row["rel_sq_error_before"] for row in refit_rows)
+            after = sum(row["rel_sq_error_after"] for row in refit_rows)
+            console().print(
+                f"refit {len(refit_rows)} layers on {report['refit']['samples']} samples: summed relative squared "
+                f"layer-output error {before:.4g} -> {after:.4g}"
+            )
         if "validation" in report:
             print_validation(report)
         info(f"wrote {output_path}")
@@ -296,15 +313,24 @@ def _search(model, layers, method, budget, option_texts, calibration, **prepare)
 
 def _data_decomposers(model, layers, plan: RankPlan, calibration) -> dict | None:
     """Decomposers for the plan's data-dependent methods (whitened SVD needs covariances)."""
-    from onnx_lowrank.search.calibrated import WHITENED, covariances_for_plan, plan_damping, whitened_decomposer
+    from onnx_lowrank.search.calibrated import WHITENED, covariances_for_plan, plan_decomposers
 
     if not any(d.method == WHITENED for d in plan.factorized().values()):
         return None
     if calibration is None:
         raise OptionError("the plan has calibrated (svd-whitened) layers: give the --calib data it was made with")
-    covariances = covariances_for_plan(model, layers, plan, calibration)
-    return {WHITENED: whitened_decomposer(covariances, plan_damping(plan))}
+    return plan_decomposers(plan, covariances_for_plan(model, layers, plan, calibration))
 
+
+def _refit(model, result: CompressResult, layers, plan: RankPlan, calibration, alpha: float):
+    """Refit the SVD factors layer by layer on the calibration data (error-compensating)."""
+    from onnx_lowrank.refit import refit_model
+
+    if calibration is None:
+        raise OptionError("--refit needs calibration data: give --calib data.npz (or --calib-random N)")
+    with progress("refit", len(plan.factorized())) as advance:
+        refit, report = refit_model(model, result.model, layers, plan, calibration, alpha=alpha, on_layer=advance)
+    return dataclasses.replace(result, model=refit), report
 
 def _request(keep_params, keep_flops, energy, rank_text, plan_path):
     given = [

@@ -299,3 +299,23 @@ def test_outputs_over_the_protobuf_limit_use_external_data(tmp_path, monkeypatch
     assert (tmp_path / "big.onnx.data").exists()
     x = np.random.default_rng(3).standard_normal((2, 80)).astype(np.float32)
     assert run(onnx.load(str(out)), {"x": x})[0].shape == (2, 10)
+
+
+def test_refit_lowers_the_output_error_of_a_calibrated_compression(tmp_path):
+    calib = ["--calib", SAMPLES / "digits_calib.npz", "--input-map", "input=input_image"]
+    plain, refit = tmp_path / "plain.onnx", tmp_path / "refit.onnx"
+    base = ["compress", SAMPLES / "digits_resnet.onnx", "--search", "calibrated", "--keep-params", 0.3, *calib]
+    assert invoke(*base, "-o", plain).exit_code == 0
+    result = invoke(*base, "-o", refit, "--refit", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["refit"]["layers"]
+    test = np.load(SAMPLES / "digits_test.npz")
+    feeds = {"input": test["input_image"]}
+    reference = run(onnx.load(str(SAMPLES / "digits_resnet.onnx")), feeds)[0]
+    error_plain = rel_error(run(onnx.load(str(plain)), feeds)[0], reference)
+    error_refit = rel_error(run(onnx.load(str(refit)), feeds)[0], reference)
+    assert error_refit < 0.9 * error_plain  # measured on data the refit never saw
+
+
+def test_refit_needs_calibration(tmp_path, model_path):
+    assert "--refit needs calibration data" in _bad(tmp_path, model_path, "--rank", 8, "--refit")
