@@ -9,8 +9,7 @@
 - :class:`OutputProbe`: runs the model with chosen weights overridden (one session, the
   weights fed as inputs) and measures how far the outputs move: the measured sensitivity.
 
-Sessions come from :func:`onnx_lowrank.validate.runtime.create_session` on the CPU provider.
-onnxruntime is imported here and in ``onnx_lowrank.validate`` only.
+Sessions are :class:`onnx_lowrank.validate.capture.CaptureSession` on the CPU provider.
 """
 
 from __future__ import annotations
@@ -25,14 +24,13 @@ import onnx
 
 from onnx_lowrank import graph as g
 from onnx_lowrank.layers import Layer, weight_source
+from onnx_lowrank.validate.capture import CaptureSession
 from onnx_lowrank.validate.data import Dataset, load_dataset, random_dataset
-from onnx_lowrank.validate.runtime import RuntimeOptions, create_session, input_specs
+from onnx_lowrank.validate.runtime import input_specs
 
 log = logging.getLogger(__name__)
 
 _ROWS_PER_CHUNK = 1 << 16  # rows of X multiplied at once when accumulating X^T X
-# CPU, ORT's default threads, idle threads not spinning (numpy's SVDs run between session calls).
-SESSION_OPTIONS = RuntimeOptions()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,13 +109,10 @@ def capture_covariances(
             log.info("calibration: %s is inside a subgraph; its covariance is not captured", layer.name)
     by_name = {layer.name: layer for layer in layers}
     tensors = sorted({name for pairs in wanted.values() for _, name in pairs})
-    session, graph_inputs = _capture_session(model, tensors)
-    fetch = [t for t in tensors if t not in graph_inputs]
+    session = CaptureSession(model, tensors, label="calibration capture")
     sums = {name: np.zeros((by_name[name].in_features,) * 2) for name in wanted}
     counts = dict.fromkeys(wanted, 0)
-    for batch, _ in data.batches(batch_size):
-        fetched = session.run(batch, outputs=fetch) if fetch else {}
-        fetched.update({t: batch[t] for t in tensors if t in graph_inputs})
+    for fetched in session.batches(data, batch_size):
         for name, pairs in wanted.items():
             for node, tensor in pairs:
                 rows = activation_rows(fetched[tensor], node, by_name[name])
@@ -126,33 +121,6 @@ def capture_covariances(
         if on_batch is not None:
             on_batch()
     return {name: sums[name] / max(counts[name], 1) for name in wanted}
-
-
-def _capture_session(model: onnx.ModelProto, tensors: list[str]):
-    """A session on a copy of ``model`` that also outputs ``tensors``; and the graph inputs."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph_inputs = {spec.name for spec in input_specs(model)}
-    outputs = {o.name for o in copy.graph.output}
-    types = _tensor_types(model)
-    for name in tensors:
-        if name not in outputs and name not in graph_inputs:
-            elem = types.get(name, onnx.TensorProto.FLOAT)
-            copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    return create_session(copy, SESSION_OPTIONS, label="calibration capture"), graph_inputs
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # onnx raises several unrelated types here
-        inferred = model
-    graph = inferred.graph
-    return {
-        v.name: v.type.tensor_type.elem_type
-        for v in list(graph.input) + list(graph.value_info) + list(graph.output)
-        if v.type.HasField("tensor_type")
-    }
 
 
 def activation_rows(x: np.ndarray, node: onnx.NodeProto, layer: Layer) -> np.ndarray:
@@ -229,28 +197,23 @@ class OutputProbe:
     """
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], data: Dataset, *, batch_size: int = 64):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        inputs = {v.name for v in copy.graph.input}
-        initializers = {i.name: i for i in copy.graph.initializer}
-        self._weights: dict[str, tuple[str, str, tuple[int, ...], np.dtype]] = {}
+        self._weights: dict[str, tuple[str, str, tuple[int, ...]]] = {}
         for layer in layers:
             source = weight_source(model, layer)
             if source.kind != "initializer" or source.scope.path != "":
                 continue
-            init = initializers[source.stored_name]
-            if source.stored_name not in inputs:
-                copy.graph.input.append(
-                    onnx.helper.make_tensor_value_info(source.stored_name, init.data_type, list(init.dims))
-                )
-                inputs.add(source.stored_name)
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            self._weights[layer.name] = (source.stored_name, layer.form, tuple(init.dims), dtype)
-        self._session = create_session(copy, SESSION_OPTIONS, label="calibration probe")
+            self._weights[layer.name] = (source.stored_name, layer.form, layer.weight_shape)
+        outputs = [o.name for o in model.graph.output]
+        overridable = sorted({stored for stored, _, _ in self._weights.values()})
+        self._session = CaptureSession(model, outputs, overridable=overridable, label="calibration probe")
         self._batches = [feeds for feeds, _ in data.batches(batch_size)]
-        self._reference = [list(self._session.run(batch).values()) for batch in self._batches]
+        self._reference = [self._run(batch, {}) for batch in self._batches]
         self._norm = sum(_sq_norm(y) for outs in self._reference for y in outs) or 1.0
         self.runs = 0
+
+    def _run(self, batch: dict[str, np.ndarray], overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
+        fetched = self._session.run(batch, overrides)
+        return [fetched[name] for name in self._session.tensors]
 
     def can_substitute(self, layer_name: str) -> bool:
         return layer_name in self._weights
@@ -258,7 +221,7 @@ class OutputProbe:
     @property
     def output_names(self) -> list[str]:
         """The model's output names, in the order :meth:`outputs` returns them."""
-        return list(self._session.output_names)
+        return list(self._session.tensors)
 
     def reference(self) -> dict[str, np.ndarray]:
         """The unmodified model's outputs on every probe sample (batches concatenated)."""
@@ -267,30 +230,26 @@ class OutputProbe:
     def outputs(self, substitutions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The model's outputs on every probe sample (batches concatenated) with the layers'
         canonical (out, in) matrices replaced by ``substitutions``; counts as one run."""
-        feeds = self._feeds(substitutions)
-        results = [list(self._session.run({**batch, **feeds}).values()) for batch in self._batches]
+        overrides = self._overrides(substitutions)
+        results = [self._run(batch, overrides) for batch in self._batches]
         self.runs += 1
         return _concatenate(self.output_names, results)
 
-    def _feeds(self, substitutions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {}
+    def _overrides(self, substitutions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Canonical (out, in) matrices as the stored weights they replace."""
+        overrides = {}
         for name, matrix in substitutions.items():
-            stored, form, shape, dtype = self._weights[name]
-            array = matrix.T if form == "in_out" else matrix
-            feeds[stored] = np.ascontiguousarray(array.reshape(shape).astype(dtype))
-        return feeds
+            stored, form, shape = self._weights[name]
+            overrides[stored] = (matrix.T if form == "in_out" else matrix).reshape(shape)
+        return overrides
 
     def relative_error(self, substitutions: dict[str, np.ndarray]) -> float:
         """``sum ||y - y0||^2 / sum ||y0||^2`` over every output and sample, with the layers'
         canonical (out, in) matrices replaced by ``substitutions``."""
-        feeds = {}
-        for name, matrix in substitutions.items():
-            stored, form, shape, dtype = self._weights[name]
-            array = matrix.T if form == "in_out" else matrix
-            feeds[stored] = np.ascontiguousarray(array.reshape(shape).astype(dtype))
+        overrides = self._overrides(substitutions)
         total = 0.0
         for batch, reference in zip(self._batches, self._reference):
-            outputs = self._session.run({**batch, **feeds}).values()
+            outputs = self._run(batch, overrides)
             total += sum(_sq_norm(y - y0) for y, y0 in zip(outputs, reference))
         self.runs += 1
         return float(total / self._norm)
