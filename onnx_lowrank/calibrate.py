@@ -200,8 +200,8 @@ class OutputProbe:
         self._weights: dict[str, tuple[str, str, tuple[int, ...]]] = {}
         for layer in layers:
             source = weight_source(model, layer)
-            if source.kind != "initializer" or source.scope.path != "":
-                continue
+            if source.kind != "initializer" or source.scope.path != "" or source.transposed:
+                continue  # only a main-graph initializer stored as the layer reads it can be fed
             self._weights[layer.name] = (source.stored_name, layer.form, layer.weight_shape)
         outputs = [o.name for o in model.graph.output]
         overridable = sorted({stored for stored, _, _ in self._weights.values()})

@@ -37,9 +37,14 @@ class ConstantSource:
     kind: str  # "initializer" | "constant_node"
     scope: Scope
     is_graph_input: bool
+    transposed: bool = False  # reached through a 2-D Transpose: the stored tensor is its transpose
 
     def array(self) -> np.ndarray:
         """The tensor's values as a numpy array (a copy; the model is not modified)."""
+        stored = self._stored_array()
+        return stored.T if self.transposed else stored
+
+    def _stored_array(self) -> np.ndarray:
         if self.kind == "initializer":
             for init in self.scope.graph.initializer:
                 if init.name == self.stored_name:
@@ -90,7 +95,8 @@ def _iter_subscopes(scope: Scope) -> Iterator[Scope]:
 
 
 def find_constant(name: str, scope: Scope, *, opset: int) -> ConstantSource | None:
-    """Resolve ``name`` to a constant visible from ``scope``, following Identity nodes.
+    """Resolve ``name`` to a constant visible from ``scope``, following Identity nodes and
+    2-D Transposes (``x @ W.T`` exported without constant folding).
 
     Looks in the scope itself, then in the enclosing scopes (subgraphs may use outer
     weights). Returns None when the tensor is computed at run time.
@@ -115,6 +121,11 @@ def find_constant(name: str, scope: Scope, *, opset: int) -> ConstantSource | No
                 if inner is None:
                     return None
                 return dataclasses.replace(inner, name=name)
+            if node.op_type == "Transpose" and list(attribute(node, "perm", [1, 0])) == [1, 0]:
+                inner = find_constant(node.input[0], current, opset=0)
+                if inner is None or inner.array().ndim != 2:
+                    return None
+                return dataclasses.replace(inner, name=name, transposed=not inner.transposed)
             return None  # produced by a computing node: not a constant
         if name in graph_inputs:
             return None

@@ -207,9 +207,12 @@ def _shared_layer(group, users, ctx: _Context) -> Layer:
     params = int(np.prod(weight_shape)) if weight_shape else 0
     skip = None
     forms = {(d[1], d[2]) for _, _, _, d in group}
-    grouped_nodes = {id(n) for _, n, _, _ in group}
+    # Readers of the weight, or of what it is derived from (Identity / Transpose chain), other
+    # than this group and that chain: e.g. a Gather on a tied embedding table.
+    chain_names, chain_nodes = _pass_through_chain(weight, scope)
+    known = {_node_key(n) for _, n, _, _ in group} | {_node_key(n) for n in chain_nodes}
     other_users = [
-        user for _, user in users.get(weight, []) if id(user) not in grouped_nodes
+        user for name in chain_names for _, user in users.get(name, []) if _node_key(user) not in known
     ]
     if len(forms) > 1:
         skip = Skip("shared_weight_conflict", f"weight {weight} is used in different layouts by {len(group)} nodes")
@@ -244,6 +247,21 @@ def _shared_layer(group, users, ctx: _Context) -> Layer:
         tokens=total_tokens,
         skip=skip,
     )
+
+
+def _node_key(node: onnx.NodeProto) -> tuple:
+    return node.op_type, tuple(node.input), tuple(node.output)
+
+
+def _pass_through_chain(name: str, scope: g.Scope) -> tuple[list[str], list[onnx.NodeProto]]:
+    """The tensor names from ``name`` back to its stored constant through Identity/Transpose."""
+    names, nodes = [name], []
+    producer = _producer(name, scope)
+    while producer is not None and producer.op_type in ("Identity", "Transpose"):
+        nodes.append(producer)
+        names.append(producer.input[0])
+        producer = _producer(producer.input[0], scope)
+    return names, nodes
 
 
 def _unsupported_layer(node, name, scope, skip: Skip, ctx: _Context) -> Layer:
@@ -281,6 +299,12 @@ def _unsupported_layer(node, name, scope, skip: Skip, ctx: _Context) -> Layer:
 
 
 def _constant_type_and_shape(source: g.ConstantSource) -> tuple[int, tuple[int, ...]]:
+    """Element type and (logical, i.e. after any Transpose) shape of a constant, without copying it."""
+    proto_type, dims = _stored_type_and_shape(source)
+    return proto_type, tuple(reversed(dims)) if source.transposed else dims
+
+
+def _stored_type_and_shape(source: g.ConstantSource) -> tuple[int, tuple[int, ...]]:
     graph = source.scope.graph
     if source.kind == "initializer":
         for init in graph.initializer:
@@ -294,7 +318,6 @@ def _constant_type_and_shape(source: g.ConstantSource) -> tuple[int, tuple[int, 
             value = g.constant_node_value(node)
             return onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape
     raise KeyError(source.stored_name)
-
 
 def _type_name(proto_type: int) -> str:
     return onnx.TensorProto.DataType.Name(proto_type) if proto_type else ""

@@ -1,4 +1,4 @@
-"""Cleanup pass: drop the weights a rewrite orphaned, and the Constant/Identity nodes behind them.
+"""Cleanup pass: drop the weights a rewrite orphaned, and the Constant/Identity/Transpose nodes behind them.
 
 Only tensors the rewrite names are considered, so unrelated parts of the graph (even dead
 ones the exporter left) stay exactly as they were.
@@ -14,7 +14,7 @@ from onnx_lowrank import graph as g
 
 log = logging.getLogger(__name__)
 
-_PASS_THROUGH = {"Constant", "Identity"}
+_PASS_THROUGH = {"Constant", "Identity", "Transpose"}
 
 
 def remove_unused(model: onnx.ModelProto, names: set[str]) -> set[str]:
@@ -39,7 +39,7 @@ def remove_unused(model: onnx.ModelProto, names: set[str]) -> set[str]:
                     break
             for index, node in enumerate(graph.node):
                 if node.op_type in _PASS_THROUGH and list(node.output) == [name]:
-                    if node.op_type == "Identity":
+                    if node.op_type in ("Identity", "Transpose"):
                         pending.add(node.input[0])
                     del graph.node[index]
                     removed.add(name)

@@ -97,8 +97,8 @@ def test_weight_shared_with_a_gather_is_left_alone():
         [tensor("E", table), tensor("E_T", table.T.copy())],
     )
     skips = _skips(model)
-    assert skips["head"] is None
-    assert skips["head_dynamic"] == "weight_not_constant"
+    assert skips["head"] is None  # its own copy of the table
+    assert skips["head_dynamic"] == "shared_weight_other_use"  # reads E (through a Transpose), as the Gather does
 
 
 def test_legacy_ir3_opset9_weights_listed_as_inputs():
@@ -162,3 +162,21 @@ def test_unsupported_layers_carry_reasons():
         "activations": "weight_not_constant",
         "deconv": "unsupported_op",
     }
+
+
+def test_weight_behind_a_transpose_as_exports_without_constant_folding_write_it():
+    """x @ W.T with W an initializer: torch exports MatMul(x, Transpose(W)) when not folding."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((12, 20)).astype(np.float32)  # stored (out, in)
+    nodes = [
+        helper.make_node("Transpose", ["W"], ["Wt"], name="t", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "Wt"], ["y"], name="mm"),
+    ]
+    model = make_model(nodes, [value("x", [3, 20])], [value("y", [3, 12])], [tensor("W", w)])
+    (layer,) = find_layers(model)
+    assert layer.skip is None and layer.weight_shape == (20, 12)
+    rewritten = full_rank(model)
+    assert [n.op_type for n in rewritten.graph.node] == ["MatMul", "MatMul"]  # Transpose and W are gone
+    assert not any(i.name == "W" for i in rewritten.graph.initializer)
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    assert rel_error(run(rewritten, {"x": x})[0], run(model, {"x": x})[0]) < 1e-5
