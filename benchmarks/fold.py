@@ -13,12 +13,23 @@ Prints markdown tables (paste into benchmarks/RESULTS.md):
    (``--keep-params``), magnitude pruning with the same allocation, SVD alone, fold + SVD.
 3. onnxruntime CPU latency at equal parameters (fold + repair vs SVD at the ``keep`` 0.5 count),
    timed interleaved in one process; ratio > 1 means the folded model is faster.
+
+With ``--minilm`` (``--skip-digits`` to leave the digits tables out), the same comparison on
+all-MiniLM-L6-v2 (``benchmarks/minilm.py``): the foldable groups ``inspect_groups`` finds and
+why the others are left alone, then per ``keep`` the (mean embedding cosine to the original,
+nearest-neighbour agreement) of fold, fold + repair, magnitude pruning, SVD alone at the same
+model parameter count (within 1%), fold + SVD (fold keep picked on the 128 calibration
+sentences), and the interleaved CPU latency of fold + repair vs SVD at that count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,12 +38,12 @@ from digits import MODELS, SAMPLES
 
 from onnx_lowrank.compress import apply_plan, count_params
 from onnx_lowrank.errors import BudgetError
-from onnx_lowrank.fold import fold_model
+from onnx_lowrank.fold import fold_model, inspect_groups
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import load_model
 from onnx_lowrank.search import BudgetRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
-from onnx_lowrank.validate.latency import measure_interleaved
+from onnx_lowrank.validate.latency import measure_interleaved, measure_pair
 from onnx_lowrank.validate.runtime import RuntimeOptions, create_session
 
 SPLITS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5)  # fold keeps tried before SVD in fold + SVD
@@ -176,14 +187,138 @@ def latency_table(at_half: dict, tests, repeats: int) -> None:
             )
 
 
+# --- all-MiniLM-L6-v2 ------------------------------------------------------------------------
+
+MINILM_SPLITS = (0.9, 0.7, 0.5)  # fold keeps tried before SVD in fold + SVD (fewer: each fold is ~9 s)
+
+
+def plan_params(model: onnx.ModelProto, layers, plan) -> int:
+    """Model parameters after ``plan`` (each factorized layer: rank x (in + out) weight values)."""
+    by_name = {layer.name: layer for layer in layers}
+    factorized = plan.factorized()
+    return (count_params(model) - sum(by_name[name].params for name in factorized)
+            + sum(decision.predicted["params"] for decision in factorized.values()))
+
+
+def svd_to_params_fast(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
+    """:func:`svd_to_params`, bisecting on the plan's parameter count (plan_for is ~0.6 s on
+    MiniLM, apply_plan ~2 s) and applying only the chosen plan."""
+    if count_params(model) <= target:
+        return model
+    layers = find_layers(model)
+    best, low, high = None, 0.0, 1.0
+    for _ in range(14):  # budget resolution 1/16384
+        middle = (low + high) / 2
+        plan = plan_for(model, layers, BudgetRequest(fraction_budget("params", middle, flag="-")), min_params=MIN_PARAMS)
+        if plan.factorized() and plan_params(model, layers, plan) <= target:
+            best, low = plan, middle
+        else:
+            high = middle
+    return None if best is None else apply_plan(model, layers, best).model
+
+
+def minilm_groups(bench) -> None:
+    listing = inspect_groups(bench.model, layers=bench.layers)
+    totals = listing["totals"]
+    print(f"MiniLM fold groups: {totals['groups']} groups, {totals['foldable_groups']} foldable "
+          f"({totals['foldable_channels']} channels, {totals['foldable_layer_params']:,} layer params "
+          f"of {count_params(bench.model):,} model params)\n")
+    print("| group (layer 0; same in layers 1-5) | width | foldable | path -> consumer, or reason |")
+    print("|---|---|---|---|")
+    for row in listing["groups"]:
+        if "layer.0/" not in row["name"]:
+            continue
+        name = row["name"].removeprefix("/inner/encoder/layer.0/")
+        if row["foldable"]:
+            detail = " -> ".join(row["path"]) + " -> " + ", ".join(c.rsplit("/", 3)[-3] for c in row["consumers"])
+        else:
+            detail = f"{row['reason']}: {row['detail']}"
+        print(f"| {name} | {row['width']} | {row['foldable']} | {detail} |")
+    print()
+
+
+def minilm_section(keeps: list[float], iters: int) -> None:
+    from minilm import MiniLMBench
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = MiniLMBench.build(Path(tmp))
+    calib = dataclasses.replace(bench, evaluation_text=bench.calibration_text, _reference=None)
+    model, total = bench.model, count_params(bench.model)
+    minilm_groups(bench)
+    folds: dict[tuple, onnx.ModelProto] = {}
+
+    def fold(keep: float, **kw) -> onnx.ModelProto:
+        key = (keep, *sorted(kw.items()))
+        if key not in folds:
+            folds[key] = fold_model(model, keep=keep, **kw)[0]
+        return folds[key]
+
+    def cell(candidate) -> str:
+        if candidate is None:
+            return "n/a"
+        cosine, agree = bench.metric(candidate)
+        return f"{cosine:.4f} / {agree:.2f}"
+
+    print("Cells: mean cosine of the 100 evaluation sentences' embeddings to the original's / "
+          "nearest-neighbour agreement.\n")
+    print("| keep neurons | model params kept | fold | fold + repair | magnitude prune | SVD (same params) "
+          "| fold + SVD (fold keep) | fold / SVD params | fold build (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| 1.0 (original) | 100% ({total:,}) | {cell(model)} | | | | | | |", flush=True)
+    pairs = {}
+    for keep in keeps:
+        started = time.perf_counter()
+        repaired = fold(keep, repair=True)
+        seconds = time.perf_counter() - started
+        plain = fold(keep, repair=False)
+        pruned = fold(keep, method="magnitude", repair=True)
+        target = count_params(repaired)
+        factorized = svd_to_params_fast(model, target)
+        best, best_split, best_score = None, None, -1.0
+        for split in MINILM_SPLITS:
+            if split <= keep:
+                continue
+            candidate = svd_to_params_fast(fold(split, repair=True), target)
+            score = calib.metric(candidate)[0] if candidate is not None else -1.0
+            if score > best_score:
+                best, best_split, best_score = candidate, split, score
+        pairs[keep] = (repaired, factorized, target / total)
+        combo = f"{cell(best)} ({best_split})" if best is not None else "n/a"
+        ratio = f"{target / count_params(factorized):.4f}" if factorized is not None else "n/a"
+        print(f"| {keep} | {target / total:.1%} | {cell(plain)} | {cell(repaired)} | {cell(pruned)} "
+              f"| {cell(factorized)} | {combo} | {ratio} | {seconds:.1f} |", flush=True)
+
+    feeds = bench.encode(bench.evaluation_text[:8])
+    print(f"\nonnxruntime CPU, batch 8 x {feeds['input_ids'].shape[1]} tokens, interleaved, warmup 10, {iters} iters "
+          "(p50; ratio > 1: the folded model is faster)\n")
+    print("| keep neurons | model params kept | original (ms) | fold + repair (ms) | SVD same params (ms) | SVD / fold |")
+    print("|---|---|---|---|---|---|")
+    for keep, (folded, factorized, kept) in pairs.items():
+        if factorized is None:
+            continue
+        timing = measure_pair(folded, factorized, feeds, provider="cpu", warmup=10, iters=iters,
+                              labels=("fold", "svd"))
+        base = measure_pair(model, folded, feeds, provider="cpu", warmup=10, iters=iters, labels=("original", "fold"))
+        print(f"| {keep} | {kept:.1%} | {base.a.p50:.2f} | {timing.a.p50:.2f} | {timing.b.p50:.2f} "
+              f"| {timing.b.p50 / timing.a.p50:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keeps", default="0.9,0.7,0.5,0.3")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--params", type=float, default=0.3, help="model-params fraction of the second table")
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--minilm", action="store_true", help="also run the all-MiniLM-L6-v2 tables")
+    parser.add_argument("--skip-digits", action="store_true", help="leave the digits tables out")
+    parser.add_argument("--minilm-iters", type=int, default=50, help="timed runs per model (MiniLM latency)")
     args = parser.parse_args()
     keeps = [float(k) for k in args.keeps.split(",")]
+    if args.skip_digits:
+        print(f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, seed 0\n")
+        if args.minilm:
+            minilm_section(keeps, args.minilm_iters)
+        return
     names = args.models.split(",")
     test, calib = np.load(SAMPLES / "digits_test.npz"), np.load(SAMPLES / "digits_calib.npz")
     tests = {name: (test[MODELS[name]], test["labels"]) for name in names}
@@ -192,6 +327,9 @@ def main() -> None:
     at_half = accuracy_table(names, keeps, tests, calibs)
     params_table(names, args.params, tests, calibs)
     latency_table(at_half, tests, args.repeats)
+    if args.minilm:
+        print()
+        minilm_section(keeps, args.minilm_iters)
 
 
 if __name__ == "__main__":

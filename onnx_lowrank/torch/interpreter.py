@@ -684,6 +684,7 @@ OPS: dict[str, OpFunction] = {
     "Reciprocal": _unary(torch.reciprocal),
     "Floor": _unary(torch.floor),
     "Ceil": _unary(torch.ceil),
+    "IsNaN": _unary(torch.isnan),  # torch exports of HF attention masks (MiniLM) use it
     "Sum": _variadic(torch.add),
     "Max": _variadic(torch.maximum),
     "Min": _variadic(torch.minimum),
