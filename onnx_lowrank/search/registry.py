@@ -31,6 +31,7 @@ BUILTINS: dict[str, str] = {
     "global": "onnx_lowrank.search.global_rank:METHOD",
     "continuous": "onnx_lowrank.search.continuous:METHOD",
     "calibrated": "onnx_lowrank.search.calibrated:METHOD",
+    "acip": "onnx_lowrank.search.acip_method:METHOD",
 }
 
 # What to install for a missing optional module.

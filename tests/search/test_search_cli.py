@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from onnx_testing import SAMPLES
 
 from onnx_lowrank.cli import main
 from onnx_lowrank.search.plan import RankPlan
@@ -104,3 +105,17 @@ def test_missing_model_and_list_methods(tmp_path):
     names = {m["name"]: m for m in json.loads(result.output)["methods"]}
     assert {"energy", "global", "continuous", "calibrated"} <= set(names)
     assert names["global"]["available"]
+
+
+def test_acip_method_materializes_a_sweep_from_one_learning_run(tmp_path):
+    pytest.importorskip("torch")
+    samples = SAMPLES
+    result = CliRunner().invoke(main, [
+        "search", str(samples / "digits_mlp.onnx"), "--method", "acip", "--option", "steps=40",
+        "--calib", str(samples / "digits_calib.npz"), "--input-map", "input=input_flat",
+        "--sweep", "0.5,0.2", "-o", str(tmp_path), "--json", "--no-cache",
+    ])
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.output)["plans"]
+    kept = [p["totals"]["params_kept"] for p in plans]
+    assert kept[0] <= 0.5 + 1e-9 and kept[1] <= 0.2 + 1e-9 and kept[1] < kept[0]
