@@ -10,7 +10,7 @@ import click
 
 from onnx_lowrank import __version__
 from onnx_lowrank.cli.common import console, echo_json, human, info, json_option, parse_pairs, progress, write_json
-from onnx_lowrank.cli.search_cmd import calibration_data
+from onnx_lowrank.cli.search_cmd import calibration_data, floor_options
 from onnx_lowrank.cli.validate_cmd import data_options, make_dataset, make_runtime, runtime_options
 from onnx_lowrank.compress import CompressResult, apply_plan, count_params
 from onnx_lowrank.errors import NothingToDo, OptionError
@@ -56,15 +56,7 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
     help="Decomposition: svd, tucker (Conv), tt (Conv and Linear), or auto (per layer, the fewest values at the error target). "
     "With --floor: floor (default; whitened SVD, measured global allocation) or greedy (AIMET-style baseline).",
 )
-@click.option("--floor", "floor_texts", multiple=True, metavar="METRIC=VALUE",
-              help="Accuracy floor on --data's held-back part: top1-agreement=0.99, cosine=0.995, rel-error=0.02, "
-              "accuracy-drop=0.5 (points, needs labels). Repeatable; replaces the budget flags.")
-@click.option("--minimize", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
-              help="With --floor: what to minimize (latency is measured per layer on --provider).")
-@click.option("--holdout", default=0.3, show_default=True, help="With --floor: fraction of --data held back for the final check.")
-@click.option("--output-name", help="With --floor: the model output the floors apply to (default: the first).")
-@click.option("--max-evals", type=int, metavar="N", help="With --floor: at most N new layer x rank evaluations.")
-@click.option("--time-budget", type=float, metavar="SECONDS", help="With --floor: stop new evaluations after this long.")
+@floor_options("--data")
 @click.option("--fold", "fold_keep", type=float, metavar="F",
               help="Fold first (each foldable group keeps F of its neurons, k-means + repair), then factorize.")
 @click.option("--min-params", default=4096, show_default=True, help="Leave layers with fewer weight values alone.")

@@ -36,6 +36,30 @@ from onnx_lowrank.search.plan import RankPlan
 from onnx_lowrank.validate.data import parse_input_map
 
 
+def floor_options(data_flag: str):
+    """--floor, --minimize, --holdout, --output-name, --max-evals, --time-budget (compress and search)."""
+    options = (
+        click.option("--floor", "floor_texts", multiple=True, metavar="METRIC=VALUE",
+                     help=f"Accuracy floor on {data_flag}'s held-back part: top1-agreement=0.99, cosine=0.995, "
+                     "rel-error=0.02, accuracy-drop=0.5 (points, needs labels). Repeatable; replaces the budget flags."),
+        click.option("--minimize", type=click.Choice(["params", "flops", "latency"]), default="params",
+                     show_default=True, help="With --floor: what to minimize (latency is measured per layer on --provider)."),
+        click.option("--holdout", default=0.3, show_default=True,
+                     help=f"With --floor: fraction of {data_flag} held back for the final check."),
+        click.option("--output-name", help="With --floor: the model output the floors apply to (default: the first)."),
+        click.option("--max-evals", type=int, metavar="N", help="With --floor: at most N new layer x rank evaluations."),
+        click.option("--time-budget", type=float, metavar="SECONDS",
+                     help="With --floor: stop new evaluations after this long."),
+    )
+
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One budget to plan, with where its plan (and model) go."""
@@ -67,15 +91,7 @@ class Target:
 @click.option("--overwrite", is_flag=True, help="Replace existing plan and model files.")
 @click.option("--inputs-as-constants", is_flag=True, help="Factorize weights that are also graph inputs (IR >= 4).")
 @click.option("--list-methods", is_flag=True, help="List the search methods (built-in and plugins) and exit.")
-@click.option("--floor", "floor_texts", multiple=True, metavar="METRIC=VALUE",
-              help="Plan the smallest model keeping this accuracy floor on --calib's held-back part (see compress --floor); "
-              "--method floor (default) or greedy.")
-@click.option("--minimize", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
-              help="With --floor: what to minimize (latency on --provider, default cpu).")
-@click.option("--holdout", default=0.3, show_default=True, help="With --floor: fraction of --calib held back for the final check.")
-@click.option("--output-name", help="With --floor: the output the floors apply to (default: the first).")
-@click.option("--max-evals", type=int, metavar="N", help="With --floor: at most N new layer x rank evaluations.")
-@click.option("--time-budget", type=float, metavar="SECONDS", help="With --floor: stop new evaluations after this long.")
+@floor_options("--calib")
 @input_shape_option
 @json_option
 def search(
