@@ -7,7 +7,7 @@ Prints three markdown tables (digits test accuracy, 360 samples: one sample = 0.
 (a) ``finetune`` with 1,000 unlabeled inputs (the digits training split of build.py, inputs
     only) after data-free energy compression: accuracy original / compressed / fine-tuned, the
     share of the lost accuracy recovered, and the time (interpreter check + teacher run +
-    training + write-back), with the CLI's defaults (10 epochs, lr 3e-3, batch 64, MSE).
+    training + write-back), with the CLI's defaults (10 epochs, lr 1e-3, batch 64, MSE).
 (b) ACIP's learned ranking against the energy allocation at 0.7 / 0.5 / 0.3 / 0.2 of the
     Gemm/MatMul/Conv parameters kept: ONE learning run per model serves the four sizes.
 (c) the smooth-trained MLP/CNN (``build.py --smooth``) against the plain ones after data-free

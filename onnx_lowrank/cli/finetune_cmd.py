@@ -22,7 +22,7 @@ from onnx_lowrank.model import check_output_path, file_uses_external_data, load_
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=str),
               help="Where to write the fine-tuned model.")
 @click.option("--epochs", default=10, show_default=True, help="Passes over the training part of the data.")
-@click.option("--lr", default=3e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate (cosine decay to 0).")
 @click.option("--batch", "batch_size", default=64, show_default=True, help="Samples per step.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the split, the shuffles and torch.")
 @click.option("--train", "train_set", type=click.Choice(["factors", "all"]), default="factors", show_default=True,

@@ -82,7 +82,7 @@ class FinetuneOptions:
     """
 
     epochs: int = 10
-    lr: float = 3e-3
+    lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
     train: str = "factors"
