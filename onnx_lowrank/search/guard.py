@@ -152,6 +152,11 @@ def measure_latency(
         environment["timer"] = f"{getattr(timer, '__module__', '')}.{getattr(timer, '__qualname__', repr(timer))}"
     device = environment.get("device", "custom timer")
 
+    def time_dense(built: latency.LayerModel) -> dict:
+        if timer is None:
+            return {"dense_ms": latency.measure(built.dense, built.feeds, options=options).p50}
+        return {"dense_ms": timer(built.dense, built.feeds, provider)}
+
     def time_pair(built: latency.LayerModel, rank: int) -> dict:
         if timer is None:
             pair = latency.time_layer(built, rank, options=options)
@@ -164,11 +169,16 @@ def measure_latency(
     with progress("latency", len(candidates)) as advance:
         for candidate in candidates:
             built = latency.layer_model(model, candidate.layer, shapes)
-            if built is None or len(candidate.ranks) == 0:
+            if built is None:
+                advance()
+                continue
+            key = {**environment, **built.signature}
+            if len(candidate.ranks) == 0:  # no rank pays here: it stays dense, but its time counts
+                dense = cache.table("latency", provider, {**key, "rank": "dense"}, lambda b=built: time_dense(b))
+                layers[candidate.name] = LayerLatency(float(dense["dense_ms"]), (), ())
                 advance()
                 continue
             timed = _timed_ranks(candidate.ranks, max_timed)
-            key = {**environment, **built.signature}
             pairs = [
                 cache.table("latency", provider, {**key, "rank": r}, lambda r=r, b=built: time_pair(b, r))
                 for r in timed

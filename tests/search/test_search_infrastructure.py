@@ -201,3 +201,16 @@ def test_guard_blocks_layers_that_are_never_faster(mlp_model):
     candidates = [dataclasses.replace(c, ranks=np.array([4, 8, 12])) for c in ctx.candidates]
     fixed = enforce(decisions, candidates)
     assert fixed["fc1"].rank == 12 and fixed["fc2"].action == "keep"
+
+
+def test_a_layer_without_any_allowed_rank_still_counts_its_dense_latency(mlp_model):
+    """With a rank multiple above a small layer's break-even, the layer stays dense, and a
+    latency budget still prices it (it used to fail with 'no latency measurement')."""
+    layers = find_layers(mlp_model, {"x": (4, 32)})
+    ctx = prepare_search(mlp_model, layers, min_params=0, provider="cpu", rank_multiple=16, timer=_fake_timer)
+    stuck = [c for c in ctx.candidates if len(c.ranks) == 0]
+    assert stuck, "the planted model needs a layer whose break-even is below 16"
+    for candidate in stuck:
+        assert ctx.latency.ms(candidate.layer, None) == pytest.approx(1.0)
+    plan = run_search(ctx, "global", parse_budget("latency-ms=90%"))
+    assert all(plan.layers[c.name].action == "keep" for c in stuck)
