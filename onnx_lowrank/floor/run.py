@@ -184,7 +184,7 @@ def compress_to_floor(
         ] if kind == "params" else [],
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return FloorResult(plan, compressed.model, report, table, compressed)
+    return FloorResult(_with_split(plan, data, holdout, seed), compressed.model, report, table, compressed)
 
 
 def _refine(work, table, path, floors, verify, progress, max_evals, time_budget) -> Table:
@@ -207,6 +207,16 @@ def _refine(work, table, path, floors, verify, progress, max_evals, time_budget)
     remaining = None if max_evals is None else max(max_evals - table.evaluated, 0)
     budget = None if time_budget is None else max(time_budget - table.seconds, 0.0)
     return merge(table, analyse(work, sets, table.method, progress=progress, max_evals=remaining, time_budget=budget))
+
+
+def _with_split(plan: RankPlan, data, holdout: float, seed: int) -> RankPlan:
+    """Record how the calibration part was cut from the user's data, so that
+    ``compress --plan --calib DATA`` can cut it again and reproduce the whitened factors."""
+    record = plan.options.get("calibration")
+    if not record:
+        return plan
+    split = {"holdout": holdout, "seed": seed, "data_sha256": data.sha256}
+    return dataclasses.replace(plan, options={**plan.options, "calibration": {**record, "split": split}})
 
 
 def _plan(ctx, layers, path, k, method, floors, min_params, table, kind) -> RankPlan:

@@ -395,7 +395,14 @@ def covariances_for_plan(
     """
     from onnx_lowrank.calibrate import capture_covariances
 
-    recorded = (plan.options.get("calibration") or {}).get("sha256")
+    record = plan.options.get("calibration") or {}
+    recorded = record.get("sha256")
+    split = record.get("split")
+    if recorded and recorded != data.sha256 and split and split.get("data_sha256") == data.sha256:
+        # A --floor plan: its calibration part was cut from this very data; cut it again.
+        from onnx_lowrank.floor.split import split_dataset
+
+        data = split_dataset(data, float(split["holdout"]), int(split["seed"])).calibration
     if strict and recorded and recorded != data.sha256:
         raise OptionError(
             f"--calib: the plan was calibrated on data with sha256 {recorded[:12]}..., this data has "

@@ -85,3 +85,22 @@ def test_cli_search_floor_writes_plan(planted, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert json.loads(plan.read_text())["method"] == "floor-greedy"
+
+
+def test_floor_plan_replays_from_the_full_data_file(planted, tmp_path):
+    """The plan records how its calibration part was cut, so compress --plan --calib DATA
+    (the same file the floor search split) rebuilds the same whitened factors."""
+    model_path, data_path, _, _ = planted
+    direct, replay, plan = tmp_path / "direct.onnx", tmp_path / "replay.onnx", tmp_path / "plan.json"
+    common = ["--floor", "top1-agreement=0.98", "--min-params", "1024", "-q"]
+    result = CliRunner().invoke(main, [
+        "compress", str(model_path), "-o", str(direct), "--data", str(data_path), "--save-plan", str(plan), *common,
+    ])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads(plan.read_text())["options"]["calibration"]
+    assert recorded["split"]["holdout"] == 0.3 and recorded["split"]["seed"] == 0
+    result = CliRunner().invoke(main, [
+        "compress", str(model_path), "-o", str(replay), "--plan", str(plan), "--calib", str(data_path), "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    assert replay.read_bytes() == direct.read_bytes()
