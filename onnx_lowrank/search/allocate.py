@@ -173,7 +173,13 @@ def budget_limit(ctx: SearchContext, candidates: list[Candidate], budget: Budget
     """
     fixed = ctx.fixed_cost(budget.kind)
     dense = sum(ctx.dense_cost(c, budget.kind) for c in candidates)
-    return dense, budget.limit(dense + fixed) - fixed
+    total = budget.limit(dense + fixed)
+    if total < fixed:
+        raise BudgetError(
+            f"budget {budget.kind} <= {fmt(total)} cannot be met: the supported layers below --min-params "
+            f"alone keep {fmt(fixed)} (lower --min-params, or give a larger budget)"
+        )
+    return dense, total - fixed
 
 
 def allocate(curves: list[Curve], limit: float, *, ranking: list[Step] | None = None, what: str = "cost") -> list[int]:

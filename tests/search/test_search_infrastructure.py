@@ -214,3 +214,10 @@ def test_a_layer_without_any_allowed_rank_still_counts_its_dense_latency(mlp_mod
         assert ctx.latency.ms(candidate.layer, None) == pytest.approx(1.0)
     plan = run_search(ctx, "global", parse_budget("latency-ms=90%"))
     assert all(plan.layers[c.name].action == "keep" for c in stuck)
+
+
+def test_budget_below_the_untouchable_layers_says_so(mlp_model):
+    layers = find_layers(mlp_model)
+    ctx = prepare_search(mlp_model, layers, min_params=1000)  # fc2 (32 x 6) is below it
+    with pytest.raises(BudgetError, match="below --min-params alone keep"):
+        run_search(ctx, "global", parse_budget("params=2"))
