@@ -118,9 +118,15 @@ def _list(model_path, input_shapes, as_json) -> None:
     if as_json:
         echo_json(listing)
         return
+    print_groups(listing, title=f"{model_path}: channel groups")
+
+
+def print_groups(listing: dict, *, title: str) -> None:
+    """The foldable channel groups (and why the others are left alone), as ``fold --list`` and
+    ``inspect`` show them."""
     from rich.table import Table
 
-    table = Table(title=f"{model_path}: channel groups", title_justify="left")
+    table = Table(title=title, title_justify="left")
     for column, justify in (
         ("group (producer)", "left"), ("op", "left"), ("width", "right"), ("path", "left"),
         ("consumers", "left"), ("params", "right"), ("status", "left"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from onnx_lowrank.cli.common import console, echo_json, human, input_shape_option, json_option, progress
+from onnx_lowrank.cli.fold_cmd import print_groups
 from onnx_lowrank.fold import inspect_groups
 from onnx_lowrank.inspection import inspect_model
 from onnx_lowrank.layers import find_layers
@@ -79,12 +80,4 @@ def _print_table(result: dict) -> None:
     skipped = [row for row in result["layers"] if not row["supported"]]
     for row in skipped:
         out.print(f"  skipped {row['name']}: {row['detail']}")
-    fold = result["fold"]
-    totals = fold["totals"]
-    out.print(
-        f"foldable neuron groups (onnx-lowrank fold): {totals['foldable_groups']}/{totals['groups']}, "
-        f"{totals['foldable_channels']} channels"
-    )
-    for group in fold["groups"]:
-        status = f"{group['width']} channels" if group["foldable"] else f"left alone: {group['reason']}"
-        out.print(f"  {group['name']}: {status}")
+    print_groups(result["fold"], title="channel groups that `onnx-lowrank fold` can merge")

@@ -50,7 +50,7 @@ from onnx_lowrank.torch.interpreter import (
     train_nothing,
     verify_against_onnxruntime,
 )
-from onnx_lowrank.torch.training import deterministic, take, to_torch
+from onnx_lowrank.torch.training import deterministic, require, take, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,7 @@ class AcipOptions:
             (self.min_params >= 0, f"--min-params must be >= 0, got {self.min_params}"),
             (self.threads >= 1, f"--threads must be a positive integer, got {self.threads}"),
         )
-        for ok, message in checks:
-            if not ok:
-                raise OptionError(message)
+        require(checks)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

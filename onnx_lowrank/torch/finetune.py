@@ -46,6 +46,7 @@ from onnx_lowrank.torch.training import (
     distill_loss,
     is_classifier,
     metrics,
+    require,
     split_holdout,
     take,
     to_torch,
@@ -111,9 +112,7 @@ class FinetuneOptions:
             (self.anneal_stages >= 1, f"--anneal-stages must be a positive integer, got {self.anneal_stages}"),
             (self.threads >= 1, f"--threads must be a positive integer, got {self.threads}"),
         )
-        for ok, message in checks:
-            if not ok:
-                raise OptionError(message)
+        require(checks)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

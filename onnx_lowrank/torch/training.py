@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from onnx_lowrank.errors import InputError
+from onnx_lowrank.errors import InputError, OptionError
 
 
 @contextlib.contextmanager
@@ -70,6 +70,13 @@ def is_classifier(array: np.ndarray | torch.Tensor) -> bool:
     if isinstance(array, torch.Tensor):
         return array.is_floating_point()
     return array.dtype.kind == "f"
+
+
+def require(checks) -> None:
+    """Raise :class:`OptionError` with the message of the first ``(ok, message)`` that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise OptionError(message)
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:
