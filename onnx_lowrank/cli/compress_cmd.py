@@ -19,12 +19,13 @@ from onnx_lowrank.model import check_output_path, file_uses_external_data, load_
 from onnx_lowrank.search import BudgetRequest, EnergyRequest, FullRankRequest, RankRequest, plan_for, registry
 from onnx_lowrank.search.budget import Budget, fraction_budget, layer_cost, parse_budget
 from onnx_lowrank.search.cache import open_cache
-from onnx_lowrank.search.engine import search_plan
+from onnx_lowrank.search.engine import prepare_search, run_search
 from onnx_lowrank.search.error_bound import plan_with_methods
+from onnx_lowrank.search.method import SearchContext, SearchMethod
 from onnx_lowrank.search.plan import RankPlan
 from onnx_lowrank.validate.accuracy import compare_models
 from onnx_lowrank.validate.latency import measure_pair
-from onnx_lowrank.validate.runtime import check_provider
+from onnx_lowrank.validate.runtime import PROVIDERS, check_provider
 
 BUDGET_FLAGS = ("--keep-params", "--keep-flops", "--energy", "--rank", "--plan")
 METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd", "tucker", "tt")}
@@ -49,7 +50,12 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
               help="After factorizing, refit the SVD factors layer by layer on --calib data to match the original "
                    "layers' outputs (later layers correct earlier ones' error; ridge-anchored to the weights).")
 @click.option("--refit-alpha", type=float, default=0.1, show_default=True, help="Ridge weight of --refit (relative).")
-@click.option("--latency-guard", is_flag=True, help="--search never picks a rank that measures slower than dense on --provider.")
+@click.option(
+    "--latency-guard", is_flag=True,
+    help="Never pick a rank that measures slower than dense on --provider, then time the whole model against the "
+    "original there (--bench-batch) and keep slow layers dense until it is not slower. With --keep-params/"
+    "--keep-flops and no --search, searches with 'energy'.",
+)
 @click.option(
     "--method", "method", default="svd", show_default=True,
     type=click.Choice(["svd", "tucker", "tt", "auto", "floor", "greedy"]),
@@ -87,6 +93,8 @@ def compress(
     --floor with --data: the smallest (--minimize) model keeping the floor on held-back data.
     """
     if floor_texts or method in ("floor", "greedy"):
+        if latency_guard:
+            raise OptionError("--latency-guard goes with a budget; with --floor, --minimize latency times each layer")
         _compress_to_floor(
             model_path, output_path, overwrite, floor_texts, method, minimize, holdout, output_name, max_evals,
             time_budget, min_params, report_path, save_plan, data_path, labels_path, labels_key, input_map,
@@ -94,6 +102,13 @@ def compress(
                                                    budget_text, fold_keep, random_n, calib_path, calib_random),
         )
         return
+    if latency_guard and search_method is None:
+        if energy is not None or rank_text is not None or plan_path is not None:
+            raise OptionError(
+                "--latency-guard picks ranks under a budget: give --keep-params, --keep-flops or --search with "
+                "--budget, not --energy, --rank or --plan"
+            )
+        search_method = "energy"
     if search_method is not None:
         request = _search_budget(budget_text, keep_params, keep_flops, energy, rank_text, plan_path)
     elif budget_text is not None:
@@ -102,7 +117,7 @@ def compress(
         request = _request(keep_params, keep_flops, energy, rank_text, plan_path)
     check_output_path(Path(output_path), overwrite=overwrite, input_path=model_path)
     runtime = make_runtime(provider, threads, tf32, spin)
-    if run_validation:
+    if run_validation or latency_guard:
         check_provider(runtime)  # fail before any work, never time the CPU instead
     original = model = load_model(model_path)
     fold_report = None
@@ -120,13 +135,15 @@ def compress(
         raise NothingToDo(f"{model_path}: nothing to compress (no supported Gemm/MatMul/Conv layer); no file written")
     sha = model_sha256(model_path)
     calibration = calibration_data(model, calib_path, calib_random, input_map, seed, input_shapes)
+    search = None
     if isinstance(request, RankPlan):
         plan = request
     elif search_method is not None:
-        plan = _search(
+        search = _search(
             model, layers, search_method, request, option_texts, calibration, min_params=min_params, seed=seed,
             model_sha256=sha, provider=provider if latency_guard else None, input_shapes=input_shapes,
         )
+        plan = search.plan
     else:
         methods = METHODS[method]
         with progress("analyse", sum(1 for la in layers if la.supported)) as advance:
@@ -143,9 +160,17 @@ def compress(
             f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
             "or at/above its break-even rank); no file written"
         )
-    decomposers = _data_decomposers(model, layers, plan, calibration)
-    with progress("factorize", len(plan.factorized())) as advance:
-        result = apply_plan(model, layers, plan, on_layer=advance, decomposers=decomposers)
+    def build(plan: RankPlan) -> CompressResult:
+        decomposers = _data_decomposers(model, layers, plan, calibration)
+        with progress("factorize", len(plan.factorized())) as advance:
+            return apply_plan(model, layers, plan, on_layer=advance, decomposers=decomposers)
+
+    model_guard = None
+    if latency_guard:
+        model_guard = _guard_whole_model(original, search, build, runtime, input_shapes, bench_batch, seed)
+        plan, result = model_guard.plan, model_guard.built
+    else:
+        result = build(plan)
     refit_report = None
     if refit:
         result, refit_report = _refit(model, result, layers, plan, calibration, refit_alpha)
@@ -155,6 +180,8 @@ def compress(
     report = build_report(model_path, output_path, result)
     if refit_report is not None:
         report["refit"] = refit_report.to_json()
+    if model_guard is not None:
+        report["latency_guard"] = {"provider": PROVIDERS[runtime.provider], "batch": bench_batch, **model_guard.to_json()}
     if fold_report is not None:
         report["fold"] = fold_report.to_json()
         totals = report["totals"]
@@ -176,6 +203,8 @@ def compress(
         echo_json(report)
     else:
         print_summary(report)
+        if "latency_guard" in report:
+            print_model_guard(report["latency_guard"])
         if "refit" in report:
             refit_rows = report["refit"]["layers"]
             before = sum(row["rel_sq_error_before"] for row in refit_rows)
@@ -293,14 +322,39 @@ def _search_budget(budget_text, keep_params, keep_flops, energy, rank_text, plan
     return fraction_budget("flops", keep_flops, flag="--keep-flops")
 
 
-def _search(model, layers, method, budget, option_texts, calibration, **prepare) -> RankPlan:
+@dataclasses.dataclass(frozen=True)
+class _Search:
+    """A search's plan with what re-planning needs (the latency guard re-runs it)."""
+
+    context: SearchContext
+    method: SearchMethod
+    budget: Budget
+    options: dict
+    plan: RankPlan
+
+
+def _search(model, layers, method, budget, option_texts, calibration, **prepare) -> _Search:
     """Plan with a registered search method (progress bars for the analysis)."""
     chosen = registry.get_method(method, flag="--search")
     if chosen.needs_calibration and calibration is None:
         raise OptionError(f"--search {method} needs calibration data: give --calib data.npz (or --calib-random N)")
     options = chosen.resolve_options(parse_pairs(option_texts, "--option"))
-    return search_plan(model, layers, chosen, budget, options, cache=open_cache(), calibration=calibration,
-                       progress=progress, **prepare)
+    context = prepare_search(model, layers, cache=open_cache(), calibration=calibration, progress=progress, **prepare)
+    return _Search(context, chosen, budget, options, run_search(context, chosen, budget, options))
+
+
+def _guard_whole_model(original, search: _Search, build, runtime, input_shapes, batch: int, seed: int):
+    """Time the compressed model against ``original``; keep slow layers dense until it is not slower."""
+    from onnx_lowrank.search.model_guard import guard_whole_model, pair_measure
+    from onnx_lowrank.validate.data import random_feeds
+    from onnx_lowrank.validate.runtime import input_specs
+
+    feeds = random_feeds(input_specs(original), batch, shapes=input_shapes, seed=seed)
+    measure = pair_measure(
+        original, feeds, runtime,
+        on_result=lambda speedup, used: info(f"latency guard: whole model {speedup:.3f}x as fast as the original on {used}"),
+    )
+    return guard_whole_model(search.context, search.method, search.budget, search.options, search.plan, build, measure)
 
 
 def _data_decomposers(model, layers, plan: RankPlan, calibration) -> dict | None:
@@ -394,6 +448,18 @@ def build_report(model_path: str, output_path: str, result: CompressResult) -> d
         "not_applied": result.factorize_report.not_applied,
         "plan": result.plan.to_json(),
     }
+
+
+def print_model_guard(guard: dict) -> None:
+    """One line: the accepted model's measured speedup and the layers the guard kept dense."""
+    low, high = guard["steps"][-1]["speedup_iqr"]
+    line = (
+        f"latency guard: whole model {guard['speedup']:.2f}x as fast as the original (IQR {low:.2f}-{high:.2f}) "
+        f"at batch {guard['batch']} on {guard['provider']}"
+    )
+    if guard["blocked"]:
+        line += f"; kept dense after timing the whole model: {', '.join(guard['blocked'])}"
+    console().print(line)
 
 
 def print_summary(report: dict) -> None:

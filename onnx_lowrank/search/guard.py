@@ -85,11 +85,16 @@ class LayerLatency:
         """Factorized latency at ``rank``, linear between timed ranks (clamped at the ends)."""
         return float(np.interp(rank, self.ranks, self.ms))
 
+    def speedup_at(self, rank: int) -> float:
+        """time(dense) / time(factorized) at ``rank`` (> 1: factorized is faster), interpolated."""
+        if self.speedups is not None:
+            return float(np.interp(rank, self.ranks, self.speedups))
+        factorized = self.at(rank)
+        return self.dense_ms / factorized if factorized > 0 else math.inf
+
     def faster(self, rank: int) -> bool:
         """Whether the factorized layer at ``rank`` beats the dense one."""
-        if self.speedups is not None:
-            return float(np.interp(rank, self.ranks, self.speedups)) > 1.0
-        return self.at(rank) < self.dense_ms
+        return self.speedup_at(rank) > 1.0
 
     def to_json(self) -> dict:
         out = {"dense_ms": self.dense_ms, "ranks": list(self.ranks), "ms": list(self.ms)}
