@@ -11,8 +11,11 @@ sample, so 8192 tokens at batch 64; random weights, seeded) it compresses the mo
 30% of its factorizable parameters with the library (``plan_for`` + ``apply_plan``), then times
 original vs compressed interleaved with I/O binding at batch 1 and 64, with TF32 on and off on
 the CUDA EP, each pair twice (to show reproducibility), and reports the measured speedup next to
-the ideal one (the FLOP ratio of the factorized layers). Results go to ``$OUT`` (default
-./out) as ``gpu_suite.json`` and ``gpu_suite.md``.
+the ideal one (the FLOP ratio of the factorized layers). Then the same budgets with the
+latency guard on, as ``compress --keep-params F --latency-guard`` does it (per-layer timings on
+the provider at that batch size, then whole-model timing with slow layers kept dense), each
+guarded model measured twice again: the guard's goal is a speedup of at least 1.0 in every
+such row. Results go to ``$OUT`` (default ./out) as ``gpu_suite.json`` and ``gpu_suite.md``.
 
 It fails loudly (exit 2) when CUDA was asked for and is not the provider actually used.
 
@@ -32,6 +35,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -46,6 +50,9 @@ from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.search import BudgetRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
+from onnx_lowrank.search.cache import Cache
+from onnx_lowrank.search.engine import prepare_search, run_search
+from onnx_lowrank.search.model_guard import guard_whole_model, pair_measure
 from onnx_lowrank.validate.data import load_dataset
 from onnx_lowrank.validate.latency import measure_pair
 from onnx_lowrank.validate.runtime import PROVIDERS, RuntimeOptions, check_provider, gpu_name, runtime_info
@@ -149,6 +156,10 @@ def build_minilm_shaped(quick: bool) -> ModelCase:
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(hidden, heads, inner, dropout=0.0, activation="gelu", batch_first=True)
     encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    with torch.no_grad():  # the layers are deep copies of one: give each its own weights, as MiniLM has
+        for weight in encoder.parameters():
+            if weight.dim() == 2:
+                weight.copy_(torch.randn_like(weight) / weight.shape[1] ** 0.5)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -205,26 +216,80 @@ def _random_feeds(name: str, sample_shape: tuple[int, ...]) -> Callable[[int], d
 # The run
 
 
+def guarded_cases(case: ModelCase, batch: int, options: RuntimeOptions, cache: Cache, *, warmup: int, iters: int):
+    """Per kept fraction: (kept, compressed model, ideal speedup, totals, guard record) with the
+    latency guard on at ``batch``, as ``compress --keep-params F --latency-guard`` makes it; a
+    budget the guard cannot meet yields (kept, None, None, None, {"error": why})."""
+    shapes = {name: (batch, *shape[1:]) for name, shape in case.flop_shapes.items()}
+    layers = find_layers(case.model, case.flop_shapes)  # FLOPs per sample
+    ctx = prepare_search(
+        case.model, layers, min_params=case.min_params, provider=options.provider, input_shapes=shapes, cache=cache
+    )
+    measure = pair_measure(case.model, case.feeds_for(batch), options, warmup=warmup, iters=iters)
+    for kept in KEPT:
+        budget = fraction_budget("params", kept, flag="kept")
+        try:
+            plan = run_search(ctx, "energy", budget)
+            if not plan.factorized():
+                raise LowRankError("no layer may be factorized at a rank that measured faster than dense")
+            build = lambda p: apply_plan(case.model, layers, p)  # noqa: E731
+            guarded = guard_whole_model(ctx, "energy", budget, None, plan, build, measure)
+        except LowRankError as exc:
+            yield kept, None, None, None, {"error": str(exc)}
+            continue
+        totals = guarded.built.totals
+        yield kept, guarded.built.model, _ideal(totals), totals, guarded.to_json()
+
+
 def compress_case(case: ModelCase, kept: float) -> tuple[onnx.ModelProto, float | None, dict]:
     """The case compressed to ``kept`` of its factorizable params; the ideal (FLOP) speedup."""
     layers = find_layers(case.model, case.flop_shapes)
     budget = fraction_budget("params", kept, flag="kept")
     plan = plan_for(case.model, layers, BudgetRequest(budget), min_params=case.min_params)
     result = apply_plan(case.model, layers, plan)
-    totals = result.totals
-    ideal = None
+    return result.model, _ideal(result.totals), result.totals
+
+
+def _ideal(totals: dict) -> float | None:
     if totals.get("layer_flops_after"):
-        ideal = totals["layer_flops_before"] / totals["layer_flops_after"]
-    return result.model, ideal, totals
+        return totals["layer_flops_before"] / totals["layer_flops_after"]
+    return None
 
 
 def run(args: argparse.Namespace) -> dict:
     names = set(args.only or [])
     tf32_modes = (True, False) if args.provider == "cuda" else (True,)
-    rows, skipped = [], []
+    rows, skipped, guard_failures = [], [], []
     started = time.perf_counter()
     expected = PROVIDERS[args.provider]
     check_provider(RuntimeOptions(provider=args.provider))  # before minutes of compressing
+
+    def measure_twice(case, compressed, feeds, options, base: dict) -> None:
+        for repeat in (1, 2):
+            pair = measure_pair(
+                case.model, compressed, feeds, options=options, warmup=args.warmup, iters=args.iters,
+                labels=("original", "compressed"),
+            )
+            if pair.a.provider != expected:
+                raise SystemExit(f"error: asked for {expected} but the session ran on {pair.a.provider}")
+            low, high = pair.iqr
+            row = {
+                "model": case.name, **base, "tf32": options.tf32 if args.provider != "cpu" else None,
+                "repeat": repeat, "provider_used": pair.a.provider,
+                "p50_original_ms": round(pair.a.p50, 5), "p50_compressed_ms": round(pair.b.p50, 5),
+                "speedup": round(pair.speedup, 4), "speedup_iqr": [round(low, 4), round(high, 4)],
+            }
+            rows.append(row)
+            print(_progress_line(row), file=sys.stderr, flush=True)
+
+    def describe(kept, ideal, totals, seconds, guard=None) -> dict:
+        return {
+            "kept_params": kept, "guard": guard, "ideal_flop_speedup": round(ideal, 4) if ideal else None,
+            "params_kept": round(totals["model_params_after"] / totals["model_params_before"], 4),
+            "layers_factorized": totals["layers_factorized"], "compress_s": round(seconds, 2),
+        }
+
+    cache = Cache(tempfile.mkdtemp(prefix="gpu_suite_cache_"))  # identical layers are timed once
     for builder in MODEL_BUILDERS:
         try:
             case = builder(args.quick)
@@ -237,33 +302,28 @@ def run(args: argparse.Namespace) -> dict:
         for kept in KEPT:
             t0 = time.perf_counter()
             compressed, ideal, totals = compress_case(case, kept)
-            compress_s = time.perf_counter() - t0
+            base = {**describe(kept, ideal, totals, time.perf_counter() - t0)}
             for batch in case.batches:
-                feeds = case.feeds_for(batch)
                 for tf32 in tf32_modes:
                     options = RuntimeOptions(
                         provider=args.provider, threads=args.threads, tf32=tf32, cuda_graph=args.cuda_graph
                     )
-                    for repeat in (1, 2):
-                        pair = measure_pair(
-                            case.model, compressed, feeds, options=options, warmup=args.warmup, iters=args.iters,
-                            labels=("original", f"{kept:.0%} params"),
-                        )
-                        if pair.a.provider != expected:
-                            raise SystemExit(f"error: asked for {expected} but the session ran on {pair.a.provider}")
-                        low, high = pair.iqr
-                        row = {
-                            "model": case.name, "kept_params": kept, "batch": batch,
-                            "tf32": tf32 if args.provider != "cpu" else None, "repeat": repeat,
-                            "provider_used": pair.a.provider,
-                            "p50_original_ms": round(pair.a.p50, 5), "p50_compressed_ms": round(pair.b.p50, 5),
-                            "speedup": round(pair.speedup, 4), "speedup_iqr": [round(low, 4), round(high, 4)],
-                            "ideal_flop_speedup": round(ideal, 4) if ideal else None,
-                            "params_kept": round(totals["model_params_after"] / totals["model_params_before"], 4),
-                            "layers_factorized": totals["layers_factorized"], "compress_s": round(compress_s, 2),
-                        }
-                        rows.append(row)
-                        print(_progress_line(row), file=sys.stderr, flush=True)
+                    measure_twice(case, compressed, case.feeds_for(batch), options, {**base, "batch": batch})
+        if args.no_guard:
+            continue
+        options = RuntimeOptions(provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph)
+        for batch in case.batches:
+            t0 = time.perf_counter()
+            for kept, compressed, ideal, totals, guard in guarded_cases(
+                case, batch, options, cache, warmup=args.warmup, iters=args.iters
+            ):
+                if compressed is None:
+                    guard_failures.append({"model": case.name, "kept_params": kept, "batch": batch, **guard})
+                    print(f"{case.name:<22} kept={kept:.0%} batch={batch:<3} guarded: {guard['error']}", file=sys.stderr)
+                    continue
+                base = describe(kept, ideal, totals, time.perf_counter() - t0, guard)
+                measure_twice(case, compressed, case.feeds_for(batch), options, {**base, "batch": batch})
+                t0 = time.perf_counter()
     return {
         "suite": "gpu_suite",
         "quick": args.quick,
@@ -273,14 +333,16 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "gpu": gpu_name()},
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
+        "guard_failures": guard_failures,
         "skipped": skipped,
     }
 
 
 def _progress_line(row: dict) -> str:
     tf32 = "" if row["tf32"] is None else f" tf32={'on' if row['tf32'] else 'off'}"
+    guarded = " guarded" if row["guard"] else ""
     return (
-        f"{row['model']:<22} kept={row['kept_params']:.0%} batch={row['batch']:<3}{tf32} #{row['repeat']}: "
+        f"{row['model']:<22} kept={row['kept_params']:.0%} batch={row['batch']:<3}{tf32}{guarded} #{row['repeat']}: "
         f"{row['p50_original_ms']:.4f} -> {row['p50_compressed_ms']:.4f} ms, speedup {row['speedup']:.3f}x "
         f"(IQR {row['speedup_iqr'][0]:.3f}-{row['speedup_iqr'][1]:.3f}), ideal {row['ideal_flop_speedup'] or float('nan'):.2f}x"
     )
@@ -294,22 +356,34 @@ def markdown(result: dict) -> str:
         f"{result['settings']['iters']} interleaved pairs after {result['settings']['warmup']} warm-up runs, "
         f"I/O binding{', CUDA graphs' if result['settings']['cuda_graph'] else ''}; {result['seconds']} s.",
         "Speedup = time(original) / time(compressed), median of per-pair ratios (IQR); ideal = FLOP ratio of the "
-        "factorized layers. Each configuration measured twice (run 1 / run 2).",
+        "factorized layers. Each configuration measured twice (run 1 / run 2). Guarded = energy search with the "
+        "latency guard at that batch size (per-layer, then whole-model; its params can be below the budget).",
         "",
-        "| model | kept | batch | TF32 | p50 orig (ms) | p50 comp (ms) | speedup run 1 | speedup run 2 | ideal |",
-        "|---|---:|---:|:---:|---:|---:|---:|---:|---:|",
+        "| model | budget | guard | params kept | batch | TF32 | p50 orig (ms) | p50 comp (ms) | speedup run 1 "
+        "| speedup run 2 | ideal |",
+        "|---|---:|:---:|---:|---:|:---:|---:|---:|---:|---:|---:|",
     ]
     grouped: dict[tuple, list[dict]] = {}
     for row in result["rows"]:
-        grouped.setdefault((row["model"], row["kept_params"], row["batch"], row["tf32"]), []).append(row)
-    for (model, kept, batch, tf32), runs in grouped.items():
+        key = (row["model"], row["kept_params"], bool(row["guard"]), row["batch"], row["tf32"])
+        grouped.setdefault(key, []).append(row)
+    for (model, kept, guarded, batch, tf32), runs in grouped.items():
         speeds = [f"{r['speedup']:.3f} ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f})" for r in runs]
         speeds += [""] * (2 - len(speeds))
         ideal = runs[0]["ideal_flop_speedup"]
         tf = "-" if tf32 is None else ("on" if tf32 else "off")
+        guard = "-"
+        if guarded:
+            blocked = runs[0]["guard"]["blocked"]
+            guard = f"on ({len(blocked)} kept dense)" if blocked else "on"
         lines.append(
-            f"| {model} | {kept:.0%} | {batch} | {tf} | {runs[0]['p50_original_ms']:.4f} | {runs[0]['p50_compressed_ms']:.4f} "
+            f"| {model} | {kept:.0%} | {guard} | {runs[0]['params_kept']:.1%} | {batch} | {tf} "
+            f"| {runs[0]['p50_original_ms']:.4f} | {runs[0]['p50_compressed_ms']:.4f} "
             f"| {speeds[0]} | {speeds[1]} | {f'{ideal:.2f}' if ideal else '?'} |"
+        )
+    for failure in result.get("guard_failures", []):
+        lines.append(
+            f"\nguarded {failure['model']} at {failure['kept_params']:.0%}, batch {failure['batch']}: {failure['error']}"
         )
     for skip in result["skipped"]:
         lines.append(f"\nskipped {skip['builder']}: {skip['reason']}")
@@ -325,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="Untimed runs per model (default 20, quick 3).")
     parser.add_argument("--threads", type=int, help="Intra-op threads (default: onnxruntime's).")
     parser.add_argument("--cuda-graph", action="store_true", help="CUDA EP enable_cuda_graph.")
+    parser.add_argument("--no-guard", action="store_true", help="Skip the latency-guarded rows.")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="Output directory (default $OUT or ./out).")
     args = parser.parse_args(argv)
     args.iters = args.iters or (10 if args.quick else 100)

@@ -183,7 +183,8 @@ def _group_shared_weights(candidates, users, ctx: _Context) -> list[Layer]:
         if isinstance(described, Skip) or described[0] is None:
             order.append(position)
             continue
-        key = (scope.path, described[0])
+        # Exporters alias deduplicated weights through Identity: one stored weight, one layer.
+        key = (scope.path, _identity_root(described[0], scope))
         if key not in by_weight:
             order.append(key)
         by_weight.setdefault(key, []).append((scope, node, name, described))
@@ -209,7 +210,11 @@ def _shared_layer(group, users, ctx: _Context) -> Layer:
     forms = {(d[1], d[2]) for _, _, _, d in group}
     # Readers of the weight, or of what it is derived from (Identity / Transpose chain), other
     # than this group and that chain: e.g. a Gather on a tied embedding table.
-    chain_names, chain_nodes = _pass_through_chain(weight, scope)
+    chain_names, chain_nodes = [], []
+    for alias in dict.fromkeys(d[0] for _, _, _, d in group):
+        names, nodes = _pass_through_chain(alias, scope)
+        chain_names += names
+        chain_nodes += nodes
     known = {_node_key(n) for _, n, _, _ in group} | {_node_key(n) for n in chain_nodes}
     other_users = [
         user for name in chain_names for _, user in users.get(name, []) if _node_key(user) not in known
@@ -262,6 +267,15 @@ def _pass_through_chain(name: str, scope: g.Scope) -> tuple[list[str], list[onnx
         names.append(producer.input[0])
         producer = _producer(producer.input[0], scope)
     return names, nodes
+
+
+def _identity_root(name: str, scope: g.Scope) -> str:
+    """The tensor an Identity chain ending in ``name`` starts from (``name`` itself if none)."""
+    producer = _producer(name, scope)
+    while producer is not None and producer.op_type == "Identity":
+        name = producer.input[0]
+        producer = _producer(name, scope)
+    return name
 
 
 def _unsupported_layer(node, name, scope, skip: Skip, ctx: _Context) -> Layer:

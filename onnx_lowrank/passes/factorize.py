@@ -208,7 +208,7 @@ def factorize(
             label = node_name[len(layer.scope) + 1 :] if layer.scope else node_name
             index = labels[layer.scope][label]
             replacements[layer.scope][index] = lowering(ctx, scope.graph.node[index], factors)
-        orphaned.add(layer.weight)
+            orphaned.update(scope.graph.node[index].input)  # the weight, under whichever alias it read
         applied[layer.name] = decision
         stored_values[layer.name] = int(factors.params)
         log.info("factorized %s (%s) at rank %s", layer.name, decision.method, decision.rank or decision.ranks)

@@ -80,6 +80,27 @@ def test_shared_weight_factorized_once():
     assert rel_error(run(rewritten, {"x": x})[0], run(model, {"x": x})[0]) < 1e-5
 
 
+def test_weight_aliased_through_identity_is_one_layer():
+    """torch's exporter deduplicates equal weights: later layers read Identity(first layer's weight)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="layer0"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Identity", ["W"], ["layer1.weight"], name="alias"),
+        helper.make_node("MatMul", ["r", "layer1.weight"], ["y"], name="layer1"),
+    ]
+    model = make_model(nodes, [value("x", [4, 16])], [value("y", [4, 16])], [tensor("W", w)])
+    layers = find_layers(model)
+    assert [(layer.nodes, layer.skip) for layer in layers] == [(("layer0", "layer1"), None)]
+    assert layers[0].flops == 2 * 2 * 4 * 16 * 16
+    rewritten = full_rank(model)
+    assert "Identity" not in [n.op_type for n in rewritten.graph.node]  # the alias went with the weight
+    assert len(rewritten.graph.initializer) == 2  # one pair of factors, read by both layers
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    assert rel_error(run(rewritten, {"x": x})[0], run(model, {"x": x})[0]) < 1e-5
+
+
 def test_weight_shared_with_a_gather_is_left_alone():
     """Tied embeddings: the same matrix feeds a Gather and a MatMul."""
     rng = np.random.default_rng(3)

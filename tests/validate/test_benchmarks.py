@@ -26,16 +26,26 @@ def test_quick_cpu_suite_writes_json_and_markdown(tmp_path):
                  "--iters", "4", "--warmup", "1", out=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r["guard"] is None]
     # 2 models x 2 kept fractions x 2 batch sizes x 2 repeats (no TF32 axis on the CPU)
     assert len(rows) == 16
+    guarded = [r for r in result["rows"] if r["guard"] is not None]
+    # Every guarded configuration is either measured twice or says why the guard refused it.
+    configurations = {(r["model"], r["kept_params"], r["batch"]) for r in rows}
+    measured = [(r["model"], r["kept_params"], r["batch"]) for r in guarded]
+    refused = [(f["model"], f["kept_params"], f["batch"]) for f in result["guard_failures"]]
+    assert sorted(set(measured) | set(refused)) == sorted(configurations)
+    assert all(measured.count(c) == 2 for c in set(measured)) and not set(measured) & set(refused)
+    assert all(r["guard"]["speedup"] >= 1.0 for r in guarded), "the guard accepted a model it measured slower"
+    assert all(f["error"] for f in result["guard_failures"])
     assert {r["model"] for r in rows} == {"digits_mlp", "big_matmul_quick"}
     assert {r["provider_used"] for r in rows} == {"CPUExecutionProvider"}
     for row in rows:
         assert row["speedup"] > 0 and row["p50_original_ms"] > 0
         assert row["ideal_flop_speedup"] > 1  # the compressed model does fewer FLOPs
     markdown = (tmp_path / "gpu_suite.md").read_text()
-    assert "| big_matmul_quick | 30% | 64 |" in markdown
+    assert "| big_matmul_quick | 30% | - | 29.7% | 64 | - |" in markdown
+    assert "guarded digits_mlp at 30%" in markdown  # the refusal is in the table notes
 
 
 @pytest.mark.skipif(cuda_session_works(), reason="CUDA works here")
