@@ -15,7 +15,10 @@ the ideal one (the FLOP ratio of the factorized layers). Then the same budgets w
 latency guard on, as ``compress --keep-params F --latency-guard`` does it (per-layer timings on
 the provider at that batch size, then whole-model timing with slow layers kept dense), each
 guarded model measured twice again: the guard's goal is a speedup of at least 1.0 in every
-such row. Results go to ``$OUT`` (default ./out) as ``gpu_suite.json`` and ``gpu_suite.md``.
+such row. Last, the CI gate as users run it (``onnx-lowrank check``, a subprocess): a baseline
+of the big MatMul compressed to 50%, then the same compressed model (must pass) and a planted
+regression with identical outputs and about 5x the work (must fail). Results go to ``$OUT``
+(default ./out) as ``gpu_suite.json`` and ``gpu_suite.md``.
 
 It fails loudly (exit 2) when CUDA was asked for and is not the provider actually used.
 
@@ -34,6 +37,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,6 +208,67 @@ def _model(nodes, inits, input_name: str, shape: list, name: str) -> onnx.ModelP
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def plant_slowdown(model: onnx.ModelProto, extra: int) -> onnx.ModelProto:
+    """``model`` plus ``extra`` square MatMuls on its input whose result is multiplied by 0 and
+    added to ``y``: the same outputs for about (1 + extra) x the work (input and output shapes
+    must match, as every suite case has them)."""
+    planted = onnx.ModelProto()
+    planted.CopyFrom(model)
+    graph = planted.graph
+    width = graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    rng = np.random.default_rng(7)
+    source = graph.input[0].name
+    for i in range(extra):
+        graph.initializer.append(numpy_helper.from_array(_weight(rng, width, width), f"planted_w{i}"))
+        graph.node.append(helper.make_node("MatMul", [source, f"planted_w{i}"], [f"planted_{i}"]))
+        source = f"planted_{i}"
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "planted_zero"))
+    (output,) = [node for node in graph.node if "y" in node.output]
+    output.output[list(output.output).index("y")] = "planted_y"
+    graph.node.extend([
+        helper.make_node("Mul", [source, "planted_zero"], ["planted_nothing"]),
+        helper.make_node("Add", ["planted_y", "planted_nothing"], ["y"]),
+    ])
+    return planted
+
+
+def run_gate(case: ModelCase, args: argparse.Namespace, workdir: Path) -> dict:
+    """``onnx-lowrank check`` on the case: write a baseline, pass unchanged, fail a planted regression."""
+    compressed, _, _ = compress_case(case, 0.5)
+    paths = {"original": workdir / "original.onnx", "compressed": workdir / "compressed.onnx",
+             "planted": workdir / "planted.onnx"}
+    onnx.save_model(case.model, paths["original"])
+    onnx.save_model(compressed, paths["compressed"])
+    onnx.save_model(plant_slowdown(compressed, extra=4), paths["planted"])
+    baseline = workdir / "baseline.json"
+    common = ["--original", str(paths["original"]), "--baseline", str(baseline), "--provider", args.provider,
+              "--batch", "64", "--random", "8", "--iters", str(max(args.iters, 30)), "--warmup", str(args.warmup), "--json"]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    steps = {}
+    for label, model, extra in (("baseline", "compressed", ["--update-baseline"]), ("unchanged", "compressed", []),
+                                ("planted", "planted", [])):
+        done = subprocess.run(
+            [sys.executable, "-m", "onnx_lowrank", "check", str(paths[model]), *common, *extra],
+            capture_output=True, text=True, check=False,
+        )
+        step = {"exit_code": done.returncode}
+        try:
+            check = json.loads(done.stdout)["check"]
+            step["speedup"] = check["metrics"].get("speedup")
+            step["provider_used"] = check["context"]["runtime"]["provider_used"]
+            step["regressed"] = [row["metric"] for row in check["rows"] if row["status"] == "regressed"]
+        except (ValueError, KeyError):
+            step["stderr"] = done.stderr.strip().splitlines()[-1:]
+        steps[label] = step
+        print(f"gate {label}: exit {done.returncode}, speedup {step.get('speedup')}", file=sys.stderr, flush=True)
+    steps["as_expected"] = (
+        steps["baseline"]["exit_code"] == 0 and steps["unchanged"]["exit_code"] == 0
+        and steps["planted"]["exit_code"] == 1
+    )
+    return {"model": case.name, **steps}
+
+
 def _random_feeds(name: str, sample_shape: tuple[int, ...]) -> Callable[[int], dict[str, np.ndarray]]:
     def feeds(batch: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(batch)
@@ -324,6 +389,12 @@ def run(args: argparse.Namespace) -> dict:
                 base = describe(kept, ideal, totals, time.perf_counter() - t0, guard)
                 measure_twice(case, compressed, case.feeds_for(batch), options, {**base, "batch": batch})
                 t0 = time.perf_counter()
+    gate = None
+    if not args.no_gate and (not names or "big_matmul" + ("_quick" if args.quick else "") in names):
+        for builder in MODEL_BUILDERS:
+            if builder is build_big_matmul:
+                with tempfile.TemporaryDirectory(prefix="gpu_suite_gate_") as workdir:
+                    gate = run_gate(builder(args.quick), args, Path(workdir))
     return {
         "suite": "gpu_suite",
         "quick": args.quick,
@@ -334,6 +405,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
         "guard_failures": guard_failures,
+        "gate": gate,
         "skipped": skipped,
     }
 
@@ -387,6 +459,15 @@ def markdown(result: dict) -> str:
         )
     for skip in result["skipped"]:
         lines.append(f"\nskipped {skip['builder']}: {skip['reason']}")
+    gate = result.get("gate")
+    if gate:
+        lines += ["", f"CI gate (`onnx-lowrank check`, {gate['model']} at 50%, batch 64): "
+                  + ("as expected" if gate["as_expected"] else "NOT as expected"), ""]
+        lines += ["| step | exit code | speedup | regressed |", "|---|---:|---:|---|"]
+        for label in ("baseline", "unchanged", "planted"):
+            step = gate[label]
+            speedup = f"{step['speedup']:.3f}" if step.get("speedup") is not None else "?"
+            lines.append(f"| {label} | {step['exit_code']} | {speedup} | {', '.join(step.get('regressed', [])) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -400,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="Intra-op threads (default: onnxruntime's).")
     parser.add_argument("--cuda-graph", action="store_true", help="CUDA EP enable_cuda_graph.")
     parser.add_argument("--no-guard", action="store_true", help="Skip the latency-guarded rows.")
+    parser.add_argument("--no-gate", action="store_true", help="Skip the `check` gate on a planted regression.")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="Output directory (default $OUT or ./out).")
     args = parser.parse_args(argv)
     args.iters = args.iters or (10 if args.quick else 100)
@@ -417,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'} in {result['seconds']} s", file=sys.stderr)
     if not result["rows"]:
         print("error: nothing was measured", file=sys.stderr)
+        return 1
+    if result["gate"] is not None and not result["gate"]["as_expected"]:
+        print("error: the check gate did not pass the unchanged model and fail the planted regression", file=sys.stderr)
         return 1
     return 0 if all(math.isfinite(r["speedup"]) for r in result["rows"]) else 1
 

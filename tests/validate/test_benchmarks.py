@@ -46,6 +46,10 @@ def test_quick_cpu_suite_writes_json_and_markdown(tmp_path):
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "| big_matmul_quick | 30% | - | 29.7% | 64 | - |" in markdown
     assert "guarded digits_mlp at 30%" in markdown  # the refusal is in the table notes
+    gate = result["gate"]  # `check` as CI runs it: baseline, unchanged model, planted regression
+    assert [gate[s]["exit_code"] for s in ("baseline", "unchanged", "planted")] == [0, 0, 1]
+    assert gate["planted"]["regressed"] == ["speedup"] and gate["as_expected"]
+    assert gate["planted"]["speedup"] < gate["unchanged"]["speedup"]
 
 
 @pytest.mark.skipif(cuda_session_works(), reason="CUDA works here")
