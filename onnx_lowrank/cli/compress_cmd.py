@@ -53,7 +53,8 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @click.option(
     "--latency-guard", is_flag=True,
     help="Never pick a rank that measures slower than dense on --provider, then time the whole model against the "
-    "original there (--bench-batch) and keep slow layers dense until it is not slower. With --keep-params/"
+    "original there at --bench-batch (layers are timed at that batch too) and keep slow layers dense until it is "
+    "not slower. With --keep-params/"
     "--keep-flops and no --search, searches with 'energy'.",
 )
 @click.option(
@@ -141,7 +142,8 @@ def compress(
     elif search_method is not None:
         search = _search(
             model, layers, search_method, request, option_texts, calibration, min_params=min_params, seed=seed,
-            model_sha256=sha, provider=provider if latency_guard else None, input_shapes=input_shapes,
+            model_sha256=sha, provider=provider if latency_guard else None,
+            input_shapes=_at_batch(model, input_shapes, bench_batch) if latency_guard else input_shapes,
         )
         plan = search.plan
     else:
@@ -341,6 +343,14 @@ def _search(model, layers, method, budget, option_texts, calibration, **prepare)
     options = chosen.resolve_options(parse_pairs(option_texts, "--option"))
     context = prepare_search(model, layers, cache=open_cache(), calibration=calibration, progress=progress, **prepare)
     return _Search(context, chosen, budget, options, run_search(context, chosen, budget, options))
+
+
+def _at_batch(model, input_shapes, batch: int) -> dict[str, tuple[int, ...]]:
+    """Every input's concrete shape at ``batch``: the latency guard times layers as the whole model runs."""
+    from onnx_lowrank.validate.data import concrete_shape
+    from onnx_lowrank.validate.runtime import input_specs
+
+    return {spec.name: concrete_shape(spec, batch, input_shapes) for spec in input_specs(model)}
 
 
 def _guard_whole_model(original, search: _Search, build, runtime, input_shapes, batch: int, seed: int):
