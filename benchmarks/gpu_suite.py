@@ -321,13 +321,42 @@ def _ideal(totals: dict) -> float | None:
     return None
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda result: None) -> dict:
+    """Measure everything; ``checkpoint(result)`` after each part, so a run cut off by the
+    device's time limit still leaves what it measured. Stops starting new parts after
+    ``args.time_budget`` seconds (and says so in the result)."""
     names = set(args.only or [])
     tf32_modes = (True, False) if args.provider == "cuda" else (True,)
     rows, skipped, guard_failures = [], [], []
     started = time.perf_counter()
     expected = PROVIDERS[args.provider]
     check_provider(RuntimeOptions(provider=args.provider))  # before minutes of compressing
+    result = {
+        "suite": "gpu_suite",
+        "quick": args.quick,
+        "provider": args.provider,
+        "settings": {"warmup": args.warmup, "iters": args.iters, "threads": args.threads, "cuda_graph": args.cuda_graph},
+        "runtime": runtime_info(),
+        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "gpu": gpu_name()},
+        "seconds": 0.0,
+        "complete": False,
+        "stopped_early": [],
+        "rows": rows,
+        "guard_failures": guard_failures,
+        "gate": None,
+        "skipped": skipped,
+    }
+
+    def save() -> None:
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        checkpoint(result)
+
+    def out_of_time(part: str) -> bool:
+        if time.perf_counter() - started <= args.time_budget:
+            return False
+        result["stopped_early"].append(part)
+        print(f"time budget of {args.time_budget} s spent: not starting {part}", file=sys.stderr, flush=True)
+        return True
 
     def measure_twice(case, compressed, feeds, options, base: dict) -> None:
         for repeat in (1, 2):
@@ -354,8 +383,15 @@ def run(args: argparse.Namespace) -> dict:
             "layers_factorized": totals["layers_factorized"], "compress_s": round(seconds, 2),
         }
 
+    # The gate first: it is quick and it is what a reviewer checks first.
+    if not args.no_gate and (not names or "big_matmul" + ("_quick" if args.quick else "") in names):
+        with tempfile.TemporaryDirectory(prefix="gpu_suite_gate_") as workdir:
+            result["gate"] = run_gate(build_big_matmul(args.quick), args, Path(workdir))
+        save()
     cache = Cache(tempfile.mkdtemp(prefix="gpu_suite_cache_"))  # identical layers are timed once
     for builder in MODEL_BUILDERS:
+        if out_of_time(builder.__name__):
+            continue
         try:
             case = builder(args.quick)
         except SkipCase as exc:
@@ -374,7 +410,8 @@ def run(args: argparse.Namespace) -> dict:
                         provider=args.provider, threads=args.threads, tf32=tf32, cuda_graph=args.cuda_graph
                     )
                     measure_twice(case, compressed, case.feeds_for(batch), options, {**base, "batch": batch})
-        if args.no_guard:
+        save()
+        if args.no_guard or out_of_time(f"{case.name} guarded"):
             continue
         options = RuntimeOptions(provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph)
         for batch in case.batches:
@@ -389,25 +426,10 @@ def run(args: argparse.Namespace) -> dict:
                 base = describe(kept, ideal, totals, time.perf_counter() - t0, guard)
                 measure_twice(case, compressed, case.feeds_for(batch), options, {**base, "batch": batch})
                 t0 = time.perf_counter()
-    gate = None
-    if not args.no_gate and (not names or "big_matmul" + ("_quick" if args.quick else "") in names):
-        for builder in MODEL_BUILDERS:
-            if builder is build_big_matmul:
-                with tempfile.TemporaryDirectory(prefix="gpu_suite_gate_") as workdir:
-                    gate = run_gate(builder(args.quick), args, Path(workdir))
-    return {
-        "suite": "gpu_suite",
-        "quick": args.quick,
-        "provider": args.provider,
-        "settings": {"warmup": args.warmup, "iters": args.iters, "threads": args.threads, "cuda_graph": args.cuda_graph},
-        "runtime": runtime_info(),
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "gpu": gpu_name()},
-        "seconds": round(time.perf_counter() - started, 1),
-        "rows": rows,
-        "guard_failures": guard_failures,
-        "gate": gate,
-        "skipped": skipped,
-    }
+        save()
+    result["complete"] = not result["stopped_early"]
+    save()
+    return result
 
 
 def _progress_line(row: dict) -> str:
@@ -459,6 +481,9 @@ def markdown(result: dict) -> str:
         )
     for skip in result["skipped"]:
         lines.append(f"\nskipped {skip['builder']}: {skip['reason']}")
+    if not result.get("complete", True):
+        missing = ", ".join(result.get("stopped_early", [])) or "the rest (still running or cut off)"
+        lines.append(f"\nINCOMPLETE: not measured: {missing}")
     gate = result.get("gate")
     if gate:
         lines += ["", f"CI gate (`onnx-lowrank check`, {gate['model']} at 50%, batch 64): "
@@ -483,18 +508,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-guard", action="store_true", help="Skip the latency-guarded rows.")
     parser.add_argument("--no-gate", action="store_true", help="Skip the `check` gate on a planted regression.")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"), help="Output directory (default $OUT or ./out).")
+    parser.add_argument("--time-budget", type=float, default=500.0,
+                        help="Start no new model after this many seconds (default 500: one device call is 600).")
     args = parser.parse_args(argv)
     args.iters = args.iters or (10 if args.quick else 100)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 20)
+    out = Path(args.out)
+
+    def write(result: dict) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("gpu_suite.json", json.dumps(result, indent=2) + "\n"), ("gpu_suite.md", markdown(result))):
+            partial = out / f".{name}.partial"
+            partial.write_text(text)
+            partial.replace(out / name)  # a reader never sees half a file
+
     try:
-        result = run(args)
+        result = run(args, checkpoint=write)
     except LowRankError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_suite.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "gpu_suite.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'} in {result['seconds']} s", file=sys.stderr)
     if not result["rows"]:

@@ -58,3 +58,14 @@ def test_suite_fails_loudly_without_cuda(tmp_path):
     assert done.returncode == 2
     assert "error: --provider cuda: CUDAExecutionProvider is not available" in done.stderr
     assert not (tmp_path / "gpu_suite.json").exists()
+
+
+def test_suite_out_of_time_keeps_what_it_measured_and_says_so(tmp_path):
+    done = suite("--provider", "cpu", "--quick", "--only", "big_matmul_quick", "--iters", "4", "--warmup", "1",
+                 "--time-budget", "0", out=tmp_path)
+    assert done.returncode == 1 and "nothing was measured" in done.stderr
+    result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert result["gate"]["as_expected"] and result["rows"] == []  # the gate runs first
+    assert not result["complete"] and "build_big_matmul" in result["stopped_early"]
+    assert "INCOMPLETE: not measured: " in (tmp_path / "gpu_suite.md").read_text()
+    assert not list(tmp_path.glob(".*.partial"))
