@@ -27,8 +27,12 @@ from onnx_lowrank.model import check_output_path, file_uses_external_data, load_
 @click.option("--seed", default=0, show_default=True, help="Seeds the split, the shuffles and torch.")
 @click.option("--train", "train_set", type=click.Choice(["factors", "all"]), default="factors", show_default=True,
               help="Train the low-rank factors only, or every float weight.")
-@click.option("--loss", type=click.Choice(["mse", "kl"]), default="mse", show_default=True,
-              help="MSE on the outputs, or KL of the softmax (for classifier logits).")
+@click.option("--loss", type=click.Choice(["mse", "kl", "mean-cosine"]), default="mse", show_default=True,
+              help="MSE on the outputs, KL of the softmax (for classifier logits), or 1 - cosine of the "
+                   "outputs mean-pooled over axis 1 (sentence embeddings).")
+@click.option("--mask-input", metavar="NAME",
+              help="Model input holding a [batch, positions] padding mask (e.g. attention_mask): MSE ignores "
+                   "padded positions, mean-cosine pools over the real ones.")
 @click.option("--temperature", default=2.0, show_default=True, help="Softmax temperature of the KL loss.")
 @click.option("--label-weight", default=0.5, show_default=True,
               help="With labels: loss = (1-w) * distillation + w * cross-entropy.")
@@ -40,7 +44,7 @@ from onnx_lowrank.model import check_output_path, file_uses_external_data, load_
 @json_option
 def finetune(
     original_path, compressed_path, data_path, labels_path, labels_key, input_map, output_path, epochs, lr,
-    batch_size, seed, train_set, loss, temperature, label_weight, holdout, anneal, threads, overwrite,
+    batch_size, seed, train_set, loss, mask_input, temperature, label_weight, holdout, anneal, threads, overwrite,
     report_path, as_json,
 ):
     """Fine-tune COMPRESSED.onnx's low-rank factors so its outputs match ORIGINAL.onnx's.
@@ -58,7 +62,7 @@ def finetune(
     from onnx_lowrank.validate.runtime import input_specs
 
     options = FinetuneOptions(
-        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, train=train_set, loss=loss,
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, train=train_set, loss=loss, mask_input=mask_input,
         temperature=temperature, label_weight=label_weight, holdout=holdout, anneal=anneal, threads=threads,
     )
     mapping = parse_input_map(input_map)

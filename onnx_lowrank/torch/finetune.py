@@ -68,8 +68,13 @@ class FinetuneOptions:
         batch_size: samples per optimizer step.
         seed: seeds the split, the shuffles and torch.
         train: "factors" (initializers named ``*.lowrank.*``) or "all" (every float weight).
-        loss: "mse" on every float output (output units squared) or "kl" (KL divergence of
-            the softmax over the last axis at ``temperature``, times T^2, for logits).
+        loss: "mse" on every float output (output units squared), "kl" (KL divergence of
+            the softmax over the last axis at ``temperature``, times T^2, for logits) or
+            "mean-cosine" (1 - cosine of the outputs mean-pooled over axis 1: the sentence
+            embeddings of mean-pooled encoders; 2-D outputs compared row by row).
+        mask_input: the model input holding a [batch, positions] mask (1 = real token,
+            0 = padding), e.g. ``attention_mask``: the MSE then ignores padded positions and
+            "mean-cosine" pools over the real ones. None: every position counts.
         temperature: softmax temperature of the KL loss.
         label_weight: with labels, loss = (1 - w) * distillation + w * cross-entropy of the
             first [batch, classes] output; ignored without labels.
@@ -88,6 +93,7 @@ class FinetuneOptions:
     seed: int = 0
     train: str = "factors"
     loss: str = "mse"
+    mask_input: str | None = None
     temperature: float = 2.0
     label_weight: float = 0.5
     holdout: float = 0.1
@@ -216,6 +222,8 @@ def finetune(
     if labels is not None and len(labels) != n:
         raise InputError(f"labels have {len(labels)} entries but the data has {n} samples")
 
+    if options.mask_input is not None:
+        _check_mask_input(compressed, feeds, options.mask_input)
     teacher = run_reference(original, feeds, batch_size=256)
     targets = {name: array for name, array in teacher.items() if array.dtype.kind == "f"}
     if labels is not None and not any(is_classifier(a) for a in targets.values()):
@@ -275,6 +283,7 @@ def _train(
     t = to_torch(targets)
     y = torch.from_numpy(labels) if labels is not None else None
     classifier = next((name for name, v in t.items() if is_classifier(v)), None)
+    mask = x[options.mask_input] != 0 if options.mask_input is not None else None
     n = next(iter(x.values())).shape[0]
     per_epoch = -(-n // options.batch_size)
     total = options.epochs * per_epoch
@@ -296,7 +305,10 @@ def _train(
                 group["lr"] = cosine_lr(options.lr, step, total)
             index = order[batch * options.batch_size : (batch + 1) * options.batch_size]
             outputs = student.run({name: value[index] for name, value in x.items()})
-            distill = distill_loss(outputs, {k: v[index] for k, v in t.items()}, options.loss, options.temperature)
+            distill = distill_loss(
+                outputs, {k: v[index] for k, v in t.items()}, options.loss, options.temperature,
+                mask[index] if mask is not None else None,
+            )
             loss = distill
             task = None
             if label_weight:
@@ -513,6 +525,20 @@ _FROM_MATRICES = {"in_out": _gemm_from, "out_in": _gemm_from, "left": _left_from
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _check_mask_input(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], name: str) -> None:
+    """The mask must be a real model input of shape [batch, positions] with a real position per sample."""
+    from onnx_lowrank.validate.runtime import input_specs
+
+    inputs = [spec.name for spec in input_specs(model)]
+    if name not in inputs:
+        raise OptionError(f"--mask-input {name!r} is not an input of the model (it takes {', '.join(inputs)})")
+    mask = np.asarray(feeds[name])
+    if mask.ndim != 2:
+        raise OptionError(f"--mask-input {name!r} must be [batch, positions], got shape {tuple(mask.shape)}")
+    if not np.all(mask.sum(axis=1) > 0):
+        raise InputError(f"--mask-input {name!r}: some samples have no unmasked position")
 
 
 def _check_same_interface(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:

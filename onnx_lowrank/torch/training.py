@@ -1,7 +1,8 @@
 """What fine-tuning and ACIP share: determinism, data splits, distillation losses, metrics.
 
 Distillation losses are looked up by name in ``LOSSES``; each takes the student's and the
-teacher's value of one output and returns a 0-D tensor.
+teacher's value of one output, the temperature and an optional [batch, positions] mask (1 =
+real position, 0 = padding; None = every position counts) and returns a 0-D tensor.
 """
 
 from __future__ import annotations
@@ -87,16 +88,48 @@ def cosine_lr(base: float, step: int, total: int) -> float:
 # --------------------------------------------------------------------------- losses
 
 
-def _mse(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+def _applies(mask: torch.Tensor | None, value: torch.Tensor) -> bool:
+    """Whether ``mask`` ([batch, positions]) describes the first two axes of a >= 3-D ``value``."""
+    return mask is not None and value.dim() >= 3 and tuple(value.shape[:2]) == tuple(mask.shape)
+
+
+def _mse(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with a mask, over the real positions only (padding is ignored)."""
     del temperature
-    return F.mse_loss(student.float(), teacher.float())
+    if not _applies(mask, student):
+        return F.mse_loss(student.float(), teacher.float())
+    per_position = ((student.float() - teacher.float()) ** 2).flatten(2).mean(-1)
+    weights = mask.to(per_position.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+def _mean_cosine(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 - cosine between student and teacher embeddings, averaged over the batch.
+
+    For [batch, positions, features] outputs the embedding is the mean over the positions
+    (the real ones only with a mask), the sentence embedding of mean-pooled encoders; 2-D
+    outputs are compared row by row; 1-D outputs fall back to the MSE.
+    """
+    if student.dim() < 2:
+        return _mse(student, teacher, temperature)
+    s, t = student.float(), teacher.float()
+    if s.dim() >= 3:
+        weights = (mask if _applies(mask, s) else torch.ones(s.shape[:2])).to(s.dtype)
+        weights = weights.reshape(*weights.shape, *([1] * (s.dim() - 2)))
+        count = weights.sum(1).clamp_min(1.0)
+        s, t = (s * weights).sum(1) / count, (t * weights).sum(1) / count
+    return 1.0 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=-1).mean()
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) of the softmax over the last axis at ``temperature``, times T^2.
 
-    Outputs that are not distributions (1-D, or one class) fall back to the MSE.
+    Outputs that are not distributions (1-D, or one class) fall back to the MSE. The mask is
+    not used.
     """
+    del mask
     if student.dim() < 2 or student.shape[-1] < 2:
         return _mse(student, teacher, temperature)
     log_student = F.log_softmax(student.float() / temperature, dim=-1)
@@ -105,14 +138,22 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tor
     return kl * temperature**2
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {"mse": _mse, "kl": _kl}
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": _mse, "kl": _kl, "mean-cosine": _mean_cosine}
 
 
 def distill_loss(
-    outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], kind: str, temperature: float
+    outputs: Mapping[str, torch.Tensor],
+    targets: Mapping[str, torch.Tensor],
+    kind: str,
+    temperature: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over the float outputs of ``LOSSES[kind]`` (student vs teacher)."""
-    terms = [LOSSES[kind](outputs[name], target, temperature) for name, target in targets.items()]
+    """Mean over the float outputs of ``LOSSES[kind]`` (student vs teacher).
+
+    ``mask`` ([batch, positions], nonzero = real position) applies to every output whose first
+    two axes have its shape; the others are compared whole.
+    """
+    terms = [LOSSES[kind](outputs[name], target, temperature, mask) for name, target in targets.items()]
     return torch.stack(terms).mean()
 
 
