@@ -17,7 +17,7 @@ the provider at that batch size, then whole-model timing with slow layers kept d
 guarded model measured twice again: the guard's goal is a speedup of at least 1.0 in every
 such row. Last, the CI gate as users run it (``onnx-lowrank check``, a subprocess): a baseline
 of the big MatMul compressed to 50%, then the same compressed model (must pass) and a planted
-regression with identical outputs and about 5x the work (must fail). Results go to ``$OUT``
+regression with identical outputs and about 5x the work (must fail), speedup tolerance 30%. Results go to ``$OUT``
 (default ./out) as ``gpu_suite.json`` and ``gpu_suite.md``.
 
 It fails loudly (exit 2) when CUDA was asked for and is not the provider actually used.
@@ -242,7 +242,8 @@ def run_gate(case: ModelCase, args: argparse.Namespace, workdir: Path) -> dict:
     onnx.save_model(plant_slowdown(compressed, extra=4), paths["planted"])
     baseline = workdir / "baseline.json"
     common = ["--original", str(paths["original"]), "--baseline", str(baseline), "--provider", args.provider,
-              "--batch", "64", "--random", "8", "--iters", str(max(args.iters, 30)), "--warmup", str(args.warmup), "--json"]
+              "--batch", "64", "--random", "8", "--iters", str(max(args.iters, 30)), "--warmup", str(args.warmup), "--json",
+              "--tolerance", "speedup:30%"]  # the planted twin is ~5x slower; noise on a shared CPU is not
     if args.threads:
         common += ["--threads", str(args.threads)]
     steps = {}

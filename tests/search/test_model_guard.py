@@ -89,14 +89,16 @@ def test_a_budget_only_the_slow_layers_can_meet_fails_clearly(guarded_search):
 def test_compress_latency_guard_times_the_whole_model(tmp_path):
     out = tmp_path / "mlp.onnx"
     plan = tmp_path / "plan.json"
-    result = _compress("-o", out, "--keep-params", "0.6", "--latency-guard", "--bench-batch", 8, "--save-plan", plan,
+    # Batch 1: the MLP compressed to 60% runs about 2x faster there (at batch 8 it measures
+    # slower as a whole on a 2-core CPU, and the guard refuses it).
+    result = _compress("-o", out, "--keep-params", "0.6", "--latency-guard", "--bench-batch", 1, "--save-plan", plan,
                        "--json", "--quiet")
-    assert result.exit_code == 0 and out.exists()
+    assert result.exit_code == 0 and out.exists(), result.output
     report = json.loads(result.stdout)
     guard = report["latency_guard"]
-    assert guard["provider"] == "CPUExecutionProvider" and guard["batch"] == 8
+    assert guard["provider"] == "CPUExecutionProvider" and guard["batch"] == 1
     # the layers were timed at the batch size the whole model was timed at
-    assert json.loads(plan.read_text())["options"]["input_shapes"] == {"input": [8, 64]}
+    assert json.loads(plan.read_text())["options"]["input_shapes"] == {"input": [1, 64]}
     assert guard["speedup"] >= 1.0, "the guard never accepts a model measured slower than the original"
     assert guard["steps"][-1]["speedup"] == guard["speedup"] and "blocked" not in guard["steps"][-1]
     assert len(guard["steps"]) == len(guard["blocked"]) + 1
