@@ -6,7 +6,7 @@ Prints markdown tables (paste into benchmarks/RESULTS.md):
 
 1. Per neuron budget ``keep`` (every foldable group keeps ceil(keep x width) channels): digits
    test accuracy of fold without repair, fold with repair, magnitude (L1) pruning at the same
-   widths, data-free SVD (``compress --keep-params``) tuned to the same *model* parameter count,
+   widths, ``--method regress`` (data-aware: fitted on ``digits_calib.npz``), data-free SVD (``compress --keep-params``) tuned to the same *model* parameter count,
    and fold + SVD at that count (fold to a wider keep, then SVD down to the count; the split is
    picked on the calibration split ``digits_calib.npz``, never on the test set).
 2. At 30% of the model's parameters: fold + repair with the model-wide budget allocation
@@ -17,7 +17,8 @@ Prints markdown tables (paste into benchmarks/RESULTS.md):
 With ``--minilm`` (``--skip-digits`` to leave the digits tables out), the same comparison on
 all-MiniLM-L6-v2 (``benchmarks/minilm.py``): the foldable groups ``inspect_groups`` finds and
 why the others are left alone, then per ``keep`` the (mean embedding cosine to the original,
-nearest-neighbour agreement) of fold, fold + repair, magnitude pruning, SVD alone at the same
+nearest-neighbour agreement) of fold, fold + repair, magnitude pruning, ``--method regress``
+(fitted on the 128 calibration sentences), SVD alone at the same
 model parameter count (within 1%), fold + SVD (fold keep picked on the 128 calibration
 sentences), and the interleaved CPU latency of fold + repair vs SVD at that count.
 """
@@ -43,6 +44,7 @@ from onnx_lowrank.layers import find_layers
 from onnx_lowrank.model import load_model
 from onnx_lowrank.search import BudgetRequest, plan_for
 from onnx_lowrank.search.budget import fraction_budget
+from onnx_lowrank.validate.data import Dataset
 from onnx_lowrank.validate.latency import measure_interleaved, measure_pair
 from onnx_lowrank.validate.runtime import RuntimeOptions, create_session
 
@@ -119,18 +121,20 @@ def fmt(value: float | None) -> str:
 
 
 def accuracy_table(names, keeps, tests, calibs) -> dict:
-    print("| model | keep neurons | model params kept | fold | fold + repair | magnitude prune | SVD (same params) "
-          "| fold + SVD (fold keep) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | keep neurons | model params kept | fold | fold + repair | magnitude prune | regress (calib) "
+          "| SVD (same params) | fold + SVD (fold keep) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     at_half = {}
     for name in names:
         model = load_model(SAMPLES / f"{name}.onnx")
         total = count_params(model)
-        print(f"| {name} | 1.0 (original) | 100% | {accuracy(model, tests[name]):.4f} | | | | |")
+        print(f"| {name} | 1.0 (original) | 100% | {accuracy(model, tests[name]):.4f} | | | | | |")
+        calibration = Dataset({"input": calibs[name][0]}, source="digits_calib.npz")
         for keep in keeps:
             plain, _ = fold_model(model, keep=keep, repair=False)
             repaired, _ = fold_model(model, keep=keep, repair=True)
             pruned, _ = fold_model(model, keep=keep, method="magnitude")
+            regressed, _ = fold_model(model, keep=keep, method="regress", calibration=calibration)
             target = count_params(repaired)
             factorized = svd_to_params(model, target)
             combined, split = fold_then_svd(model, target, calibs[name], above=keep)
@@ -141,7 +145,7 @@ def accuracy_table(names, keeps, tests, calibs) -> dict:
             print(
                 f"| {name} | {keep} | {target / total:.1%} | {accuracy(plain, tests[name]):.4f} "
                 f"| {accuracy(repaired, tests[name]):.4f} | {accuracy(pruned, tests[name]):.4f} "
-                f"| {svd_text} | {combo} |"
+                f"| {accuracy(regressed, tests[name]):.4f} | {svd_text} | {combo} |"
             )
     return at_half
 
@@ -261,10 +265,11 @@ def minilm_section(keeps: list[float], iters: int) -> None:
 
     print("Cells: mean cosine of the 100 evaluation sentences' embeddings to the original's / "
           "nearest-neighbour agreement.\n")
-    print("| keep neurons | model params kept | fold | fold + repair | magnitude prune | SVD (same params) "
-          "| fold + SVD (fold keep) | fold / SVD params | fold build (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| 1.0 (original) | 100% ({total:,}) | {cell(model)} | | | | | | |", flush=True)
+    calibration = bench.calibration()
+    print("| keep neurons | model params kept | fold | fold + repair | magnitude prune | regress (calib) "
+          "| SVD (same params) | fold + SVD (fold keep) | fold / SVD params | fold build (s) | regress build (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| 1.0 (original) | 100% ({total:,}) | {cell(model)} | | | | | | | | |", flush=True)
     pairs = {}
     for keep in keeps:
         started = time.perf_counter()
@@ -272,6 +277,9 @@ def minilm_section(keeps: list[float], iters: int) -> None:
         seconds = time.perf_counter() - started
         plain = fold(keep, repair=False)
         pruned = fold(keep, method="magnitude", repair=True)
+        started = time.perf_counter()
+        regressed = fold_model(model, keep=keep, method="regress", calibration=calibration)[0]
+        regress_seconds = time.perf_counter() - started
         target = count_params(repaired)
         factorized = svd_to_params_fast(model, target)
         best, best_split, best_score = None, None, -1.0
@@ -286,7 +294,8 @@ def minilm_section(keeps: list[float], iters: int) -> None:
         combo = f"{cell(best)} ({best_split})" if best is not None else "n/a"
         ratio = f"{target / count_params(factorized):.4f}" if factorized is not None else "n/a"
         print(f"| {keep} | {target / total:.1%} | {cell(plain)} | {cell(repaired)} | {cell(pruned)} "
-              f"| {cell(factorized)} | {combo} | {ratio} | {seconds:.1f} |", flush=True)
+              f"| {cell(regressed)} | {cell(factorized)} | {combo} | {ratio} | {seconds:.1f} | {regress_seconds:.1f} |",
+              flush=True)
 
     feeds = bench.encode(bench.evaluation_text[:8])
     print(f"\nonnxruntime CPU, batch 8 x {feeds['input_ids'].shape[1]} tokens, interleaved, warmup 10, {iters} iters "

@@ -64,6 +64,9 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
     "With --floor: floor (default; whitened SVD, measured global allocation) or greedy (AIMET-style baseline).",
 )
 @floor_options("--data")
+@click.option("--fold-method", type=click.Choice(["kmeans", "regress"]), default="kmeans", show_default=True,
+              help="How --fold merges: kmeans (data-free) or regress (keeps the channels that matter on --calib "
+              "and folds the others into them by least squares).")
 @click.option("--fold", "fold_keep", type=float, metavar="F",
               help="Fold first (each foldable group keeps F of its neurons, k-means + repair), then factorize.")
 @click.option("--min-params", default=4096, show_default=True, help="Leave layers with fewer weight values alone.")
@@ -83,7 +86,8 @@ METHODS = {"svd": ("svd",), "tucker": ("tucker",), "tt": ("tt",), "auto": ("svd"
 @json_option
 def compress(
     model_path, output_path, keep_params, keep_flops, energy, rank_text, plan_path, search_method, budget_text,
-    option_texts, calib_path, calib_random, refit, refit_alpha, latency_guard, method, fold_keep, min_params, save_plan,
+    option_texts, calib_path, calib_random, refit, refit_alpha, latency_guard, method, fold_method, fold_keep, min_params,
+    save_plan,
     report_path, overwrite, inputs_as_constants, external_data, run_validation, data_path, random_n, labels_path,
     labels_key, input_map, input_shapes, seed, provider, threads, tf32, spin, bench_batch, as_json,
     floor_texts=(), minimize="params", holdout=0.3, output_name=None, max_evals=None, time_budget=None,
@@ -123,8 +127,12 @@ def compress(
     original = model = load_model(model_path)
     fold_report = None
     fold_widths = request.options.get("fold") if isinstance(request, RankPlan) else None
+    # Calibration inputs match the original's inputs, which folding keeps.
+    calibration = calibration_data(original, calib_path, calib_random, input_map, seed, input_shapes)
     if fold_keep is not None or fold_widths:
-        model, fold_report = _fold(model, fold_keep, fold_widths, seed, input_shapes)
+        if fold_widths:
+            fold_method = fold_widths.get("method", "kmeans")
+        model, fold_report = _fold(model, fold_keep, fold_widths, seed, input_shapes, fold_method, calibration)
     layers = find_layers(model, input_shapes, treat_inputs_as_constants=inputs_as_constants)
     original_layers = layers
     if fold_report is not None:
@@ -135,7 +143,6 @@ def compress(
     if not any(layer.supported for layer in layers):
         raise NothingToDo(f"{model_path}: nothing to compress (no supported Gemm/MatMul/Conv layer); no file written")
     sha = model_sha256(model_path)
-    calibration = calibration_data(model, calib_path, calib_random, input_map, seed, input_shapes)
     search = None
     if isinstance(request, RankPlan):
         plan = request
@@ -156,7 +163,8 @@ def compress(
                     model, layers, request, methods, min_params=min_params, model_sha256=sha, on_layer=advance
                 )
     if fold_report is not None:
-        plan = dataclasses.replace(plan, options={**plan.options, "fold": fold_report.widths()})
+        recorded = fold_report.widths() if fold_method == "kmeans" else {**fold_report.widths(), "method": fold_method}
+        plan = dataclasses.replace(plan, options={**plan.options, "fold": recorded})
     if not plan.factorized() and not (fold_report and fold_report.modified):
         raise NothingToDo(
             f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
@@ -300,15 +308,20 @@ def _absolute_budget(budget: Budget, layers) -> Budget:
     return Budget(budget.kind, absolute=budget.fraction * total)
 
 
-def _fold(model, keep, widths, seed, input_shapes):
-    """Fold first: by a neuron fraction, or re-applying a plan's recorded widths."""
+def _fold(model, keep, widths, seed, input_shapes, method, calibration):
+    """Fold first: by a neuron fraction, or re-applying a plan's recorded widths (and method)."""
     from onnx_lowrank.fold import fold_model
 
+    if method == "regress" and calibration is None:
+        what = "the plan folds with regress: give the --calib data it was made with" if widths else (
+            "--fold-method regress needs --calib data.npz")
+        raise OptionError(what)
+    kw = {"seed": seed, "input_shapes": input_shapes, "method": method, "calibration": calibration}
     if keep is not None:
         if not 0 < keep <= 1:
             raise OptionError(f"--fold must be in (0, 1], got {keep}")
-        return fold_model(model, keep=keep, seed=seed, input_shapes=input_shapes)
-    return fold_model(model, widths=widths, seed=seed, input_shapes=input_shapes)
+        return fold_model(model, keep=keep, **kw)
+    return fold_model(model, widths=widths, **kw)
 
 
 def _search_budget(budget_text, keep_params, keep_flops, energy, rank_text, plan_path) -> Budget:

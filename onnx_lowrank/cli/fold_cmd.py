@@ -9,8 +9,11 @@ import click
 
 from onnx_lowrank import __version__
 from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape_option, json_option, write_json
+from onnx_lowrank.cli.search_cmd import calibration_data
 from onnx_lowrank.errors import InputError, NothingToDo, OptionError
-from onnx_lowrank.fold import FoldReport, fold_model, inspect_groups
+from onnx_lowrank.fold import METHODS, FoldReport, fold_model, inspect_groups
+from onnx_lowrank.fold.pipeline import DATA_METHODS
+from onnx_lowrank.fold.regress import DEFAULT_RIDGE
 from onnx_lowrank.jsonfile import read_json
 from onnx_lowrank.model import check_output_path, load_model, save_model
 
@@ -31,6 +34,17 @@ BUDGET_FLAGS = ("--keep", "--keep-params", "--widths")
 )
 @click.option("--magnitude-prune", is_flag=True, help="Baseline: keep the largest-L1 channels instead of merging.")
 @click.option(
+    "--method", type=click.Choice(METHODS), default=None,
+    help="kmeans (default, data-free merge), magnitude (= --magnitude-prune), or regress: keep the channels that "
+    "contribute most on --calib data and fold the others into them by least squares (best on transformers).",
+)
+@click.option("--calib", "calib_path", type=click.Path(path_type=str),
+              help="Calibration inputs (.npz, matched like validate --data) for --method regress.")
+@click.option("--input-map", "input_map", multiple=True, metavar="INPUT=KEY",
+              help="Feed --calib array KEY to model input INPUT. Repeatable.")
+@click.option("--ridge", type=float, default=DEFAULT_RIDGE, show_default=True,
+              help="Relative ridge weight of --method regress.")
+@click.option(
     "--repair/--no-repair", default=True, show_default=True,
     help="Rescale merged channels to undo the variance merging collapses (data-free).",
 )
@@ -43,15 +57,18 @@ BUDGET_FLAGS = ("--keep", "--keep-params", "--widths")
 @input_shape_option
 @json_option
 def fold(
-    model_path, output_path, keep, keep_params, widths_path, magnitude_prune, repair, seed, list_only, save_widths,
-    report_path, overwrite, external_data, input_shapes, as_json,
+    model_path, output_path, keep, keep_params, widths_path, magnitude_prune, method, calib_path, input_map, ridge,
+    repair, seed, list_only, save_widths, report_path, overwrite, external_data, input_shapes, as_json,
 ):
-    """Merge similar output neurons/channels of MODEL.onnx without data (model folding).
+    """Merge similar output neurons/channels of MODEL.onnx (model folding).
 
-    Each foldable layer's neurons are clustered by k-means on their weights (bias and a
-    following BatchNorm included), each cluster becomes its centroid, the next layer's matching
-    inputs are summed, and the variance the merge collapses is repaired. Exactly one of --keep,
-    --keep-params or --widths says how much; --list shows what can be folded.
+    Without data (--method kmeans, the default), each foldable layer's neurons are clustered by
+    k-means on their weights (bias and a following BatchNorm included), each cluster becomes
+    its centroid, the next layer's matching inputs are summed, and the variance the merge
+    collapses is repaired. With --method regress --calib DATA, the channels that contribute
+    most on DATA are kept as they are and the others are folded into them by least squares.
+    Exactly one of --keep, --keep-params or --widths says how much; --list shows what can be
+    folded.
     """
     if list_only:
         _list(model_path, input_shapes, as_json)
@@ -60,16 +77,28 @@ def fold(
     if output_path is None:
         raise OptionError("-o/--output is required (or use --list)")
     check_output_path(Path(output_path), overwrite=overwrite, input_path=model_path)
+    if magnitude_prune and method not in (None, "magnitude"):
+        raise OptionError(f"--magnitude-prune contradicts --method {method}")
+    method = "magnitude" if magnitude_prune else (method or "kmeans")
+    if method in DATA_METHODS and calib_path is None:
+        raise OptionError("--method regress needs --calib FILE.npz (calibration inputs)")
+    if ridge < 0:
+        raise OptionError(f"--ridge must be >= 0, got {ridge}")
     model = load_model(model_path)
+    calibration = calibration_data(
+        model, calib_path, None, input_map, seed, input_shapes, needed=method in DATA_METHODS
+    )
     folded, report = fold_model(
         model,
         keep=keep,
         keep_params=keep_params,
         widths=widths,
-        method="magnitude" if magnitude_prune else "kmeans",
+        method=method,
         repair=repair,
         seed=seed,
         input_shapes=input_shapes,
+        calibration=calibration,
+        ridge=ridge,
     )
     if not report.groups:
         reasons = sorted({s["reason"] for s in report.skipped})

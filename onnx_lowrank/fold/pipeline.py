@@ -3,6 +3,10 @@
     model -> find groups -> neuron features -> widths (uniform / budget / given)
           -> cluster (k-means) or rank (L1) -> merge (+ repair) -> rewrite -> check
 
+    method "regress" (needs calibration data): capture what each group's consumers read ->
+          rank by activation x consumer-column norm -> fold the dropped channels into the
+          kept ones by ridge regression (see :mod:`onnx_lowrank.fold.regress`)
+
 The widths a run chose are a small JSON dict (``report.widths()``), e.g.
 ``{"groups": {"/fc1/Gemm": {"keep": 180, "of": 256}}}``, that can be kept in a plan and
 re-applied with ``fold_model(model, widths=...)``.
@@ -21,16 +25,18 @@ import onnx
 
 from onnx_lowrank.compress import count_params, verify
 from onnx_lowrank.errors import InputError, OptionError
-from onnx_lowrank.fold import cluster
+from onnx_lowrank.fold import cluster, regress
 from onnx_lowrank.fold.allocate import ParamModel, budget_widths, uniform_widths
 from onnx_lowrank.fold.apply import apply_folds, read_neurons
 from onnx_lowrank.fold.groups import FoldGroup, find_groups
 from onnx_lowrank.fold.merge import MergedNeurons, Neurons, merge_neurons
-from onnx_lowrank.layers import find_layers
+from onnx_lowrank.layers import find_layers, weight_matrix
+from onnx_lowrank.validate.data import Dataset
 
 log = logging.getLogger(__name__)
 
-METHODS = ("kmeans", "magnitude")
+METHODS = ("kmeans", "magnitude", "regress")
+DATA_METHODS = ("regress",)  # methods that need calibration data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,8 @@ def fold_model(
     repair: bool = True,
     seed: int = 0,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    calibration: Dataset | None = None,
+    ridge: float = regress.DEFAULT_RIDGE,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Merge similar output channels of every foldable group; return the new model and a report.
 
@@ -148,25 +156,39 @@ def fold_model(
 
     ``method`` "kmeans" merges clusters into centroids (needs scikit-learn; exact duplicates
     always merge exactly); "magnitude" keeps the channels with the largest L1 weight norm (the
-    structured-pruning baseline). ``repair`` rescales merged channels to undo the variance
+    structured-pruning baseline); "regress" needs ``calibration`` (model inputs) and keeps the
+    channels that contribute most to the consumers' output on it, folding the others into them
+    by ridge regression of their activations (``ridge``: relative ridge weight; see
+    :mod:`onnx_lowrank.fold.regress`). ``repair`` (k-means only) rescales merged channels to undo the variance
     that averaging collapses (data-free; see :mod:`onnx_lowrank.fold.repair`). The input model
     is not modified; the result passes onnx's full checker and has the same graph inputs and
     outputs. Deterministic for a given ``seed``.
     """
     started = time.perf_counter()
     budget = _budget(keep, keep_params, widths, method)
+    if method in DATA_METHODS and calibration is None:
+        raise OptionError(f"fold method {method!r} needs calibration data (--calib FILE.npz)")
     layers = find_layers(model, input_shapes)
     all_groups = find_groups(model, input_shapes, layers=layers)
     groups = [group for group in all_groups if group.foldable]
     by_layer = {layer.name: layer for layer in layers}
     neurons = {group.name: read_neurons(model, group, by_layer[group.name]) for group in groups}
     features = {name: n.features() for name, n in neurons.items()}
+    acts: dict[str, np.ndarray] = {}
+    column_norms: dict[str, np.ndarray] = {}
+    if method in DATA_METHODS:
+        acts = regress.consumer_inputs(model, groups, calibration, seed=seed)
+        column_norms = {group.name: _column_norms(model, group, by_layer) for group in groups}
     not_applied: dict[str, str] = {}
 
     if keep is not None:
         targets = uniform_widths(groups, keep)
     elif keep_params is not None:
-        curves = {name: _error_curve(method, neurons[name], features[name]) for name in neurons}
+        curves = {
+            name: regress.importance_error_curve(acts[name], column_norms[name]) if method in DATA_METHODS
+            else _error_curve(method, neurons[name], features[name])
+            for name in neurons
+        }
         targets = budget_widths(groups, layers, curves, keep_params)
     else:
         targets, not_applied = _given_widths(widths, groups, all_groups)
@@ -176,10 +198,16 @@ def fold_model(
     params = ParamModel.build(groups, layers)
     for group in groups:
         k = targets.get(group.name, group.width)
-        clustering = _cluster(method, neurons[group.name], features[group.name], k, seed)
+        if method in DATA_METHODS:
+            clustering = (cluster.identity(group.width) if k >= group.width
+                          else regress.select(acts[group.name], column_norms[group.name], k))
+        else:
+            clustering = _cluster(method, neurons[group.name], features[group.name], k, seed)
         error = cluster.relative_error(features[group.name], clustering)
         factors = np.ones(1)
-        if clustering.k < group.width:
+        if clustering.k < group.width and method in DATA_METHODS:
+            merged[group.name] = regress.regress_neurons(neurons[group.name], clustering, acts[group.name], ridge=ridge)
+        elif clustering.k < group.width:
             change = merge_neurons(neurons[group.name], clustering, repair=repair and method == "kmeans")
             merged[group.name] = change
             merged_channels = [m.size > 1 for m in clustering.members()]
@@ -271,6 +299,16 @@ def _error_curve(method: str, neurons: Neurons, features: np.ndarray) -> np.ndar
     return cluster.merge_error_curve(features)
 
 
+def _column_norms(model: onnx.ModelProto, group: FoldGroup, by_layer) -> np.ndarray:
+    """Norm of each channel's input columns over all the group's consumers (every block)."""
+    squares = np.zeros(group.width)
+    for consumer in group.consumers:
+        matrix = weight_matrix(model, by_layer[consumer.layer]).astype(np.float64)
+        blocks = matrix.reshape(matrix.shape[0], group.width, consumer.block)
+        squares += np.sum(blocks**2, axis=(0, 2))
+    return np.sqrt(squares)
+
+
 def _cluster(method: str, neurons: Neurons, features: np.ndarray, k: int, seed: int) -> cluster.Clustering:
     if k >= neurons.width:
         return cluster.identity(neurons.width)
@@ -283,7 +321,7 @@ def _group_result(group: FoldGroup, kept: int, method: str, error: float, repair
     names = [group.name] + [c.layer for c in group.consumers]
     before = sum(params.layer_params(n, {}) for n in names)
     after = sum(params.layer_params(n, {group.name: kept}) for n in names)
-    action = "keep" if kept == group.width else ("prune" if method == "magnitude" else "fold")
+    action = "keep" if kept == group.width else {"magnitude": "prune", "regress": "regress"}.get(method, "fold")
     return GroupFold(
         name=group.name,
         op_type=group.op_type,

@@ -252,6 +252,26 @@ def test_fold_then_factorize_budget_counts_from_the_original_and_plan_replays(tm
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_regress_fold_then_factorize_replays_only_with_its_calibration_data(tmp_path):
+    calib = ["--calib", SAMPLES / "digits_calib.npz", "--input-map", "input=input_image"]
+    out, plan = tmp_path / "r.onnx", tmp_path / "r.json"
+    result = invoke("compress", SAMPLES / "digits_cnn.onnx", "-o", out, "--fold", 0.5, "--fold-method", "regress",
+                    *calib, "--keep-params", 0.3, "--save-plan", plan, "--json")
+    assert result.exit_code == 0, result.output
+    assert {g["action"] for g in json.loads(result.output)["fold"]["groups"]} == {"regress"}
+    recorded = json.loads(plan.read_text())["options"]["fold"]
+    assert recorded["method"] == "regress" and recorded["groups"]["/conv2/Conv"] == {"keep": 32, "of": 64}
+    again = tmp_path / "again.onnx"
+    assert invoke("compress", SAMPLES / "digits_cnn.onnx", "-o", again, "--plan", plan, *calib).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+    missing = invoke("compress", SAMPLES / "digits_cnn.onnx", "-o", tmp_path / "x.onnx", "--plan", plan)
+    assert missing.exit_code == 2 and "the plan folds with regress" in missing.output
+    bare = invoke("compress", SAMPLES / "digits_cnn.onnx", "-o", tmp_path / "y.onnx", "--fold", 0.5,
+                  "--fold-method", "regress", "--keep-params", 0.3)
+    assert bare.exit_code == 2 and "--fold-method regress needs --calib" in bare.output
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
 def test_inspect_lists_foldable_groups(tmp_path):
     result = invoke("inspect", SAMPLES / "digits_resnet.onnx", "--json", "--no-spectrum")
     groups = {g["name"]: g for g in json.loads(result.output)["fold"]["groups"]}

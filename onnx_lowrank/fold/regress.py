@@ -1,0 +1,125 @@
+"""Data-aware folding: keep the most active neurons, fold the others into them by least squares.
+
+Pure numpy apart from :func:`consumer_inputs` (onnxruntime). For a group with C channels, let
+``H`` (N, C) be what its consumers read (the producer's outputs after the per-channel ops,
+e.g. GELU) on N calibration rows (tokens, or spatial positions of a feature map). Keep the k
+channels with the largest ``rms(H_i) * ||consumer columns of i||`` (the size of their
+contribution to the consumer's output), and replace each dropped channel j by its ridge
+regression on the kept ones::
+
+    H_drop ~= H_keep @ S,   S = (H_keep^T H_keep + lam I)^-1 H_keep^T H_drop
+
+so the consumer's kept column i becomes ``col_i + sum_j S[i, j] col_j``. This is a fold whose
+column map holds regression coefficients instead of ones (a plain fold sums the columns of a
+cluster with coefficient 1): the producer rows of kept channels are unchanged (no centroid, so
+nothing for the non-linearity to distort), and the consumer's output on calibration data is the
+closest the kept channels can give (ridge-anchored). Exact where a dropped channel is a linear
+combination of kept ones. ``lam = ridge * trace(G) / k`` (relative, as ``compress --refit``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.fold.cluster import Clustering
+from onnx_lowrank.fold.groups import FoldGroup
+from onnx_lowrank.fold.merge import BatchNormParams, MergedNeurons, Neurons
+
+DEFAULT_RIDGE = 0.1
+MAX_ROWS = 1 << 16  # calibration rows kept per group (seeded subsample above)
+
+
+def importance(acts: np.ndarray, column_norms: np.ndarray) -> np.ndarray:
+    """Each channel's contribution size: rms activation times its consumer columns' norm."""
+    return np.sqrt(np.mean(np.asarray(acts, np.float64) ** 2, axis=0)) * column_norms
+
+
+def select(acts: np.ndarray, column_norms: np.ndarray, k: int) -> Clustering:
+    """Keep the ``k`` most important channels (ties: lower index), in their original order."""
+    score = importance(acts, column_norms)
+    width = score.shape[0]
+    if not 1 <= k <= width:
+        raise ValueError(f"k must be in [1, {width}], got {k}")
+    kept = np.sort(np.lexsort((np.arange(width), -score))[:k])
+    labels = np.full(width, -1, dtype=np.int64)
+    labels[kept] = np.arange(k)
+    return Clustering(labels, k, "regress")
+
+
+def importance_error_curve(acts: np.ndarray, column_norms: np.ndarray) -> np.ndarray:
+    """``curve[k]``: share of the squared importance dropped when keeping the top k (for --keep-params)."""
+    energy = np.sort(importance(acts, column_norms) ** 2)[::-1]
+    width = energy.shape[0]
+    curve = np.zeros(width + 1)
+    total = float(energy.sum())
+    if total == 0.0:
+        curve[0] = 1.0
+        return curve
+    dropped = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+    curve[1:] = dropped[1:] / total
+    curve[0] = 1.0
+    return curve
+
+
+def regress_neurons(neurons: Neurons, clustering: Clustering, acts: np.ndarray, *, ridge: float = DEFAULT_RIDGE) -> MergedNeurons:
+    """Prune to ``clustering``'s kept channels and fold the dropped ones in by ridge regression."""
+    acts = np.asarray(acts, np.float64)
+    width, k = neurons.width, clustering.k
+    kept = np.flatnonzero(clustering.labels >= 0)
+    kept = kept[np.argsort(clustering.labels[kept])]
+    dropped = np.flatnonzero(clustering.labels < 0)
+    rows = np.zeros((k, width))
+    rows[np.arange(k), kept] = 1.0
+    columns = np.zeros((width, k))
+    columns[kept, np.arange(k)] = 1.0
+    if dropped.size:
+        h_keep, h_drop = acts[:, kept], acts[:, dropped]
+        gram = h_keep.T @ h_keep
+        lam = ridge * float(np.trace(gram)) / k
+        if lam <= 0.0:
+            lam = 1e-12
+        columns[dropped] = np.linalg.solve(gram + lam * np.eye(k), h_keep.T @ h_drop).T
+    bias = neurons.bias[kept].copy() if neurons.bias is not None else None
+    bn = None
+    if neurons.bn is not None:
+        b = neurons.bn
+        bn = BatchNormParams(scale=b.scale[kept], bias=b.bias[kept], mean=b.mean[kept], var=b.var[kept], epsilon=b.epsilon)
+    return MergedNeurons(rows=rows, bias=bias, bn=bn, columns=columns, repair=np.ones(k))
+
+
+def consumer_inputs(model: onnx.ModelProto, groups: list[FoldGroup], data, *, batch_size: int = 32,
+                    max_rows: int = MAX_ROWS, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per group, what its consumers read on ``data``: (rows, C) float64, one row per token or position.
+
+    The tensor is the last one on the group's path (``group.tensors[-1]``); its channel axis is
+    the last one when it has C (or C x block) entries there, else axis 1 (NCHW feature maps).
+    At most ``max_rows`` rows per group are kept (a seeded subsample), so memory stays bounded.
+    """
+    from onnx_lowrank.validate.capture import CaptureSession
+
+    names = {group.name: group.tensors[-1] for group in groups}
+    session = CaptureSession(model, sorted(set(names.values())), label="fold calibration")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for fetched in session.batches(data, batch_size):
+        for group in groups:
+            parts[group.name].append(_channel_rows(np.asarray(fetched[names[group.name]]), group.width))
+    rng = np.random.default_rng(seed)
+    result = {}
+    for name, chunks in parts.items():
+        rows = np.concatenate(chunks, axis=0).astype(np.float64)
+        if rows.shape[0] > max_rows:
+            rows = rows[np.sort(rng.choice(rows.shape[0], max_rows, replace=False))]
+        result[name] = rows
+    return result
+
+
+def _channel_rows(x: np.ndarray, width: int) -> np.ndarray:
+    if x.ndim >= 2 and x.shape[-1] == width:
+        return x.reshape(-1, width)
+    if x.ndim >= 2 and x.shape[-1] % width == 0 and x.ndim == 2:  # flattened (N, C * block)
+        block = x.shape[-1] // width
+        return np.moveaxis(x.reshape(-1, width, block), 1, 2).reshape(-1, width)
+    if x.ndim >= 3 and x.shape[1] == width:  # (N, C, *spatial)
+        return np.moveaxis(x, 1, -1).reshape(-1, width)
+    raise ValueError(f"cannot find a channel axis of size {width} in a tensor of shape {list(x.shape)}")
