@@ -185,7 +185,7 @@ def fold_model(
         targets = uniform_widths(groups, keep)
     elif keep_params is not None:
         curves = {
-            name: regress.importance_error_curve(acts[name], column_norms[name]) if method in DATA_METHODS
+            name: regress.regression_error_curve(acts[name], column_norms[name], ridge=ridge) if method in DATA_METHODS
             else _error_curve(method, neurons[name], features[name])
             for name in neurons
         }

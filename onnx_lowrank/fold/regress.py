@@ -47,19 +47,39 @@ def select(acts: np.ndarray, column_norms: np.ndarray, k: int) -> Clustering:
     return Clustering(labels, k, "regress")
 
 
-def importance_error_curve(acts: np.ndarray, column_norms: np.ndarray) -> np.ndarray:
-    """``curve[k]``: share of the squared importance dropped when keeping the top k (for --keep-params)."""
-    energy = np.sort(importance(acts, column_norms) ** 2)[::-1]
-    width = energy.shape[0]
-    curve = np.zeros(width + 1)
-    total = float(energy.sum())
-    if total == 0.0:
-        curve[0] = 1.0
-        return curve
-    dropped = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
-    curve[1:] = dropped[1:] / total
+def regression_error_curve(
+    acts: np.ndarray, column_norms: np.ndarray, *, ridge: float = DEFAULT_RIDGE, points: int = 12
+) -> np.ndarray:
+    """``curve[k]``: relative error of keeping the top k and folding the rest in by regression.
+
+    The error of channel j is its regression residual ``||h_j - H_keep s_j||^2`` times its
+    consumer columns' squared norm, summed over the dropped channels and divided by the same
+    sum of ``||h_j||^2`` over all channels (what the consumer loses, relative). Evaluated from
+    one Gram matrix at ``points`` widths and interpolated between them (monotone in k).
+    """
+    acts = np.asarray(acts, np.float64)
+    width = acts.shape[1]
+    gram = acts.T @ acts
+    weights = np.asarray(column_norms, np.float64) ** 2
+    total = float(np.sum(weights * np.diag(gram)))
+    order = np.lexsort((np.arange(width), -importance(acts, column_norms)))
+    grid = np.unique(np.linspace(1, width, min(points, width)).round().astype(int))
+    errors = []
+    for k in grid:
+        keep, drop = order[:k], order[k:]
+        if drop.size == 0 or total == 0.0:
+            errors.append(0.0)
+            continue
+        g_kk, g_kd = gram[np.ix_(keep, keep)], gram[np.ix_(keep, drop)]
+        lam = max(ridge * float(np.trace(g_kk)) / k, 1e-12)
+        coef = np.linalg.solve(g_kk + lam * np.eye(k), g_kd)  # (k, dropped): S
+        # ||h_j - H s_j||^2 = g_jj - 2 s_j.g_kj + s_j.G_kk s_j
+        residual = np.diag(gram)[drop] - 2 * np.sum(coef * g_kd, axis=0) + np.sum(coef * (g_kk @ coef), axis=0)
+        errors.append(float(np.sum(weights[drop] * np.maximum(residual, 0.0))) / total)
+    curve = np.empty(width + 1)
     curve[0] = 1.0
-    return curve
+    curve[1:] = np.interp(np.arange(1, width + 1), grid, errors)
+    return np.minimum.accumulate(curve)
 
 
 def regress_neurons(neurons: Neurons, clustering: Clustering, acts: np.ndarray, *, ridge: float = DEFAULT_RIDGE) -> MergedNeurons:

@@ -13,7 +13,7 @@ from onnx_lowrank.cli import main
 from onnx_lowrank.errors import OptionError
 from onnx_lowrank.fold import fold_model
 from onnx_lowrank.fold.merge import Neurons
-from onnx_lowrank.fold.regress import regress_neurons, select
+from onnx_lowrank.fold.regress import regress_neurons, regression_error_curve, select
 from onnx_lowrank.validate.data import Dataset
 
 
@@ -31,6 +31,16 @@ def test_dropped_channel_that_is_a_combination_of_kept_ones_folds_exactly():
     change = regress_neurons(Neurons(weight=rng.normal(size=(5, 6))), clustering, acts, ridge=0.0)
     np.testing.assert_allclose(acts[:, :4] @ (consumer @ change.columns).T, acts @ consumer.T, atol=1e-8)
     np.testing.assert_array_equal(change.rows, np.eye(5)[:4])
+
+
+def test_regression_error_curve_is_zero_where_the_dropped_channels_are_combinations():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(400, 3))
+    acts = np.hstack([base * [3.0, 2.0, 1.5], base @ rng.normal(size=(3, 3)) * 0.1])  # 3 real + 3 derived
+    curve = regression_error_curve(acts, np.ones(6), ridge=0.0, points=6)
+    assert curve[0] == 1.0 and curve[6] == 0.0
+    assert np.all(np.diff(curve) <= 0)  # keeping more never costs more
+    assert curve[3] < 1e-9 < curve[2]  # the 3 most important channels carry everything
 
 
 def test_selection_ranks_by_activation_times_consumer_norm():
