@@ -35,13 +35,25 @@ def importance(acts: np.ndarray, column_norms: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(np.asarray(acts, np.float64) ** 2, axis=0)) * column_norms
 
 
+def _ranking(acts: np.ndarray, column_norms: np.ndarray) -> np.ndarray:
+    """Channel indices, most important first (ties: lower index)."""
+    score = importance(acts, column_norms)
+    return np.lexsort((np.arange(score.shape[0]), -score))
+
+
+def _ridge_fold(gram_kk: np.ndarray, gram_kd: np.ndarray, ridge: float) -> np.ndarray:
+    """S (k, dropped) with H_drop ~= H_keep S, from Gram blocks; lambda = ridge * trace / k."""
+    k = gram_kk.shape[0]
+    lam = max(ridge * float(np.trace(gram_kk)) / k, 1e-12)
+    return np.linalg.solve(gram_kk + lam * np.eye(k), gram_kd)
+
+
 def select(acts: np.ndarray, column_norms: np.ndarray, k: int) -> Clustering:
     """Keep the ``k`` most important channels (ties: lower index), in their original order."""
-    score = importance(acts, column_norms)
-    width = score.shape[0]
+    width = acts.shape[1]
     if not 1 <= k <= width:
         raise ValueError(f"k must be in [1, {width}], got {k}")
-    kept = np.sort(np.lexsort((np.arange(width), -score))[:k])
+    kept = np.sort(_ranking(acts, column_norms)[:k])
     labels = np.full(width, -1, dtype=np.int64)
     labels[kept] = np.arange(k)
     return Clustering(labels, k, "regress")
@@ -62,7 +74,7 @@ def regression_error_curve(
     gram = acts.T @ acts
     weights = np.asarray(column_norms, np.float64) ** 2
     total = float(np.sum(weights * np.diag(gram)))
-    order = np.lexsort((np.arange(width), -importance(acts, column_norms)))
+    order = _ranking(acts, column_norms)
     grid = np.unique(np.linspace(1, width, min(points, width)).round().astype(int))
     errors = []
     for k in grid:
@@ -71,8 +83,7 @@ def regression_error_curve(
             errors.append(0.0)
             continue
         g_kk, g_kd = gram[np.ix_(keep, keep)], gram[np.ix_(keep, drop)]
-        lam = max(ridge * float(np.trace(g_kk)) / k, 1e-12)
-        coef = np.linalg.solve(g_kk + lam * np.eye(k), g_kd)  # (k, dropped): S
+        coef = _ridge_fold(g_kk, g_kd, ridge)
         # ||h_j - H s_j||^2 = g_jj - 2 s_j.g_kj + s_j.G_kk s_j
         residual = np.diag(gram)[drop] - 2 * np.sum(coef * g_kd, axis=0) + np.sum(coef * (g_kk @ coef), axis=0)
         errors.append(float(np.sum(weights[drop] * np.maximum(residual, 0.0))) / total)
@@ -82,7 +93,9 @@ def regression_error_curve(
     return np.minimum.accumulate(curve)
 
 
-def regress_neurons(neurons: Neurons, clustering: Clustering, acts: np.ndarray, *, ridge: float = DEFAULT_RIDGE) -> MergedNeurons:
+def regress_neurons(
+    neurons: Neurons, clustering: Clustering, acts: np.ndarray, *, ridge: float = DEFAULT_RIDGE
+) -> MergedNeurons:
     """Prune to ``clustering``'s kept channels and fold the dropped ones in by ridge regression."""
     acts = np.asarray(acts, np.float64)
     width, k = neurons.width, clustering.k
@@ -95,16 +108,14 @@ def regress_neurons(neurons: Neurons, clustering: Clustering, acts: np.ndarray, 
     columns[kept, np.arange(k)] = 1.0
     if dropped.size:
         h_keep, h_drop = acts[:, kept], acts[:, dropped]
-        gram = h_keep.T @ h_keep
-        lam = ridge * float(np.trace(gram)) / k
-        if lam <= 0.0:
-            lam = 1e-12
-        columns[dropped] = np.linalg.solve(gram + lam * np.eye(k), h_keep.T @ h_drop).T
+        columns[dropped] = _ridge_fold(h_keep.T @ h_keep, h_keep.T @ h_drop, ridge).T
     bias = neurons.bias[kept].copy() if neurons.bias is not None else None
     bn = None
     if neurons.bn is not None:
         b = neurons.bn
-        bn = BatchNormParams(scale=b.scale[kept], bias=b.bias[kept], mean=b.mean[kept], var=b.var[kept], epsilon=b.epsilon)
+        bn = BatchNormParams(
+            scale=b.scale[kept], bias=b.bias[kept], mean=b.mean[kept], var=b.var[kept], epsilon=b.epsilon
+        )
     return MergedNeurons(rows=rows, bias=bias, bn=bn, columns=columns, repair=np.ones(k))
 
 
