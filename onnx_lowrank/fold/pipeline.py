@@ -203,7 +203,10 @@ def fold_model(
                           else regress.select(acts[group.name], column_norms[group.name], k))
         else:
             clustering = _cluster(method, neurons[group.name], features[group.name], k, seed)
-        error = cluster.relative_error(features[group.name], clustering)
+        if method in DATA_METHODS:  # the regression residual on the calibration data
+            error = regress.relative_error(acts[group.name], column_norms[group.name], clustering, ridge=ridge)
+        else:  # the weight-space clustering error
+            error = cluster.relative_error(features[group.name], clustering)
         factors = np.ones(1)
         if clustering.k < group.width and method in DATA_METHODS:
             merged[group.name] = regress.regress_neurons(neurons[group.name], clustering, acts[group.name], ridge=ridge)

@@ -72,25 +72,36 @@ def regression_error_curve(
     acts = np.asarray(acts, np.float64)
     width = acts.shape[1]
     gram = acts.T @ acts
-    weights = np.asarray(column_norms, np.float64) ** 2
-    total = float(np.sum(weights * np.diag(gram)))
     order = _ranking(acts, column_norms)
     grid = np.unique(np.linspace(1, width, min(points, width)).round().astype(int))
-    errors = []
-    for k in grid:
-        keep, drop = order[:k], order[k:]
-        if drop.size == 0 or total == 0.0:
-            errors.append(0.0)
-            continue
-        g_kk, g_kd = gram[np.ix_(keep, keep)], gram[np.ix_(keep, drop)]
-        coef = _ridge_fold(g_kk, g_kd, ridge)
-        # ||h_j - H s_j||^2 = g_jj - 2 s_j.g_kj + s_j.G_kk s_j
-        residual = np.diag(gram)[drop] - 2 * np.sum(coef * g_kd, axis=0) + np.sum(coef * (g_kk @ coef), axis=0)
-        errors.append(float(np.sum(weights[drop] * np.maximum(residual, 0.0))) / total)
+    errors = [_residual_error(gram, column_norms, order[:k], order[k:], ridge) for k in grid]
     curve = np.empty(width + 1)
     curve[0] = 1.0
     curve[1:] = np.interp(np.arange(1, width + 1), grid, errors)
     return np.minimum.accumulate(curve)
+
+
+def relative_error(acts: np.ndarray, column_norms: np.ndarray, clustering: Clustering, *,
+                   ridge: float = DEFAULT_RIDGE) -> float:
+    """What the consumers lose (relative, on the calibration rows) when ``clustering``'s dropped
+    channels are folded in by regression: one point of :func:`regression_error_curve`."""
+    acts = np.asarray(acts, np.float64)
+    kept, dropped = np.flatnonzero(clustering.labels >= 0), np.flatnonzero(clustering.labels < 0)
+    return _residual_error(acts.T @ acts, column_norms, kept, dropped, ridge)
+
+
+def _residual_error(gram: np.ndarray, column_norms: np.ndarray, keep: np.ndarray, drop: np.ndarray,
+                    ridge: float) -> float:
+    """Sum over dropped j of ||w_j||^2 ||h_j - H_keep s_j||^2, over the sum of ||w_j||^2 ||h_j||^2."""
+    weights = np.asarray(column_norms, np.float64) ** 2
+    total = float(np.sum(weights * np.diag(gram)))
+    if drop.size == 0 or total == 0.0:
+        return 0.0
+    g_kk, g_kd = gram[np.ix_(keep, keep)], gram[np.ix_(keep, drop)]
+    coef = _ridge_fold(g_kk, g_kd, ridge)
+    # ||h_j - H s_j||^2 = g_jj - 2 s_j.g_kj + s_j.G_kk s_j
+    residual = np.diag(gram)[drop] - 2 * np.sum(coef * g_kd, axis=0) + np.sum(coef * (g_kk @ coef), axis=0)
+    return float(np.sum(weights[drop] * np.maximum(residual, 0.0))) / total
 
 
 def regress_neurons(

@@ -13,7 +13,7 @@ from onnx_lowrank.cli import main
 from onnx_lowrank.errors import OptionError
 from onnx_lowrank.fold import fold_model
 from onnx_lowrank.fold.merge import Neurons
-from onnx_lowrank.fold.regress import regress_neurons, regression_error_curve, select
+from onnx_lowrank.fold.regress import regress_neurons, regression_error_curve, relative_error, select
 from onnx_lowrank.validate.data import Dataset
 
 
@@ -31,6 +31,9 @@ def test_dropped_channel_that_is_a_combination_of_kept_ones_folds_exactly():
     change = regress_neurons(Neurons(weight=rng.normal(size=(5, 6))), clustering, acts, ridge=0.0)
     np.testing.assert_allclose(acts[:, :4] @ (consumer @ change.columns).T, acts @ consumer.T, atol=1e-8)
     np.testing.assert_array_equal(change.rows, np.eye(5)[:4])
+    norms = np.array([1, 1, 1, 1, 1e-3])
+    assert relative_error(acts, norms, clustering, ridge=0.0) < 1e-12  # what fold reports: exact here
+    assert relative_error(acts, norms, select(acts, norms, 2), ridge=0.0) > 0.1
 
 
 def test_regression_error_curve_is_zero_where_the_dropped_channels_are_combinations():
