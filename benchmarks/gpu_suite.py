@@ -49,7 +49,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.compress import apply_plan
+# The GPU machine runs the checkout without installing it: make the package importable from here.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from onnx_lowrank.compress import apply_plan  # noqa: E402
 from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.search import BudgetRequest, plan_for
@@ -251,7 +254,7 @@ def run_gate(case: ModelCase, args: argparse.Namespace, workdir: Path) -> dict:
                                 ("planted", "planted", [])):
         done = subprocess.run(
             [sys.executable, "-m", "onnx_lowrank", "check", str(paths[model]), *common, *extra],
-            capture_output=True, text=True, check=False,
+            capture_output=True, text=True, check=False, cwd=ROOT, env=_with_package_path(),
         )
         step = {"exit_code": done.returncode}
         try:
@@ -268,6 +271,12 @@ def run_gate(case: ModelCase, args: argparse.Namespace, workdir: Path) -> dict:
         and steps["planted"]["exit_code"] == 1
     )
     return {"model": case.name, **steps}
+
+
+def _with_package_path() -> dict[str, str]:
+    """The environment with the checkout on PYTHONPATH (the GPU machine does not install it)."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def _random_feeds(name: str, sample_shape: tuple[int, ...]) -> Callable[[int], dict[str, np.ndarray]]:

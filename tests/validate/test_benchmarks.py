@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def suite(*args, out: Path) -> subprocess.CompletedProcess:
+    """Run the suite as the GPU machine does: from the checkout, the package NOT installed
+    (``-S`` skips the site hooks of an editable install; the dependencies come from PYTHONPATH)."""
+    dependencies = os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))
     return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [sys.executable, "-S", str(ROOT / "benchmarks" / "gpu_suite.py"), *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": dependencies},
     )
 
 
