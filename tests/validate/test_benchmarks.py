@@ -30,6 +30,7 @@ def test_quick_cpu_suite_writes_json_and_markdown(tmp_path):
                  "--iters", "4", "--warmup", "1", out=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert result["errors"] == [] and result["complete"]
     rows = [r for r in result["rows"] if r["guard"] is None]
     # 2 models x 2 kept fractions x 2 batch sizes x 2 repeats (no TF32 axis on the CPU)
     assert len(rows) == 16
