@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 
+import numpy as np
 import onnx
 
 from onnx_lowrank.errors import OptionError
@@ -54,12 +55,14 @@ def input_shapes(
 
 
 def infer_shapes(
-    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None, *, measure_missing: bool = True
 ) -> dict[str, Shape]:
     """Shapes of every tensor of the main graph that shape inference can reach.
 
-    Inputs are pinned to :func:`input_shapes` first, so most shapes come out concrete. A model
-    on which onnx shape inference fails yields only the shapes it declares.
+    Inputs are pinned to :func:`input_shapes` first, so most shapes come out concrete. Where
+    the Gemm/MatMul/Conv shapes still have open dimensions and ``measure_missing`` is set, the
+    model is run once on random inputs of those shapes to read them. A model on which onnx
+    shape inference fails yields only the shapes it declares (and measured ones).
     """
     concrete = input_shapes(model, overrides)
     pinned = onnx.ModelProto()
@@ -87,4 +90,44 @@ def infer_shapes(
         shapes[value.name] = tuple(d.dim_value if d.dim_value > 0 else None for d in tensor_type.shape.dim)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
+    missing = _unknown_layer_shapes(model, shapes)
+    if missing and measure_missing:
+        shapes.update(_measured_shapes(model, concrete, missing))
     return shapes
+
+
+# The ops whose shapes FLOP counts and per-layer timing need.
+_LAYER_OPS = frozenset({"Gemm", "MatMul", "Conv"})
+
+
+def _unknown_layer_shapes(model: onnx.ModelProto, shapes: dict[str, Shape]) -> list[str]:
+    """Inputs and outputs of main-graph layer nodes whose shape static inference left open."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type in _LAYER_OPS:
+            for name in [*node.input[:2], *node.output[:1]]:
+                shape = shapes.get(name)
+                if name and (shape is None or any(d is None for d in shape)):
+                    names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def _measured_shapes(model: onnx.ModelProto, concrete: dict[str, tuple[int, ...]], names: list[str]) -> dict[str, Shape]:
+    """Shapes of ``names`` from one onnxruntime run on seeded random inputs of the pinned shapes.
+
+    Real exports compute reshape targets and position ids from ``Shape`` at run time (Hugging
+    Face encoders), which static inference cannot follow; running the graph once can. Returns
+    {} when the model cannot run that way (the shapes then stay unknown, as before).
+    """
+    try:
+        from onnx_lowrank.validate.capture import CaptureSession
+        from onnx_lowrank.validate.data import random_feeds
+        from onnx_lowrank.validate.runtime import input_specs
+
+        feeds = random_feeds(input_specs(model), None, shapes=concrete)
+        fetched = CaptureSession(model, names, label="shape probe").run(feeds)
+    except Exception as exc:  # noqa: BLE001 - any failure only means the shapes stay unknown
+        log.debug("could not measure %d tensor shapes by running the model: %s", len(names), exc)
+        return {}
+    log.debug("measured %d tensor shapes by running the model once", len(fetched))
+    return {name: tuple(int(d) for d in np.shape(value)) for name, value in fetched.items()}

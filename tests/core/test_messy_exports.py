@@ -201,3 +201,29 @@ def test_weight_behind_a_transpose_as_exports_without_constant_folding_write_it(
     assert not any(i.name == "W" for i in rewritten.graph.initializer)
     x = rng.standard_normal((3, 20)).astype(np.float32)
     assert rel_error(run(rewritten, {"x": x})[0], run(model, {"x": x})[0]) < 1e-5
+
+
+def _reshape_to_computed_shape():
+    """x [batch, 2, 8] -> Reshape to a target computed from the data (Where on a reduction of x),
+    as exports compute reshape targets and position ids at run time -> MatMul(8 x 16)."""
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "floor"], ["cond"]),
+        helper.make_node("Where", ["cond", "target", "target"], ["shape"]),
+        helper.make_node("Reshape", ["x", "shape"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="proj"),
+    ]
+    inits = [tensor("floor", np.array(-1e30, np.float32)), tensor("target", np.array([-1, 8], np.int64)),
+             tensor("w", rng.standard_normal((8, 16)).astype(np.float32))]
+    return make_model(nodes, [value("x", ["batch", 2, 8])], [value("y", ["n", 16])], inits)
+
+
+def test_shapes_static_inference_cannot_follow_are_measured_by_running_the_model():
+    from onnx_lowrank.shapes import infer_shapes
+
+    model = _reshape_to_computed_shape()
+    assert infer_shapes(model, {"x": (3, 2, 8)}, measure_missing=False)["h"] == (None, None)
+    assert infer_shapes(model, {"x": (3, 2, 8)})["h"] == (6, 8)
+    (layer,) = find_layers(model, {"x": (3, 2, 8)})
+    assert layer.tokens == 6 and layer.flops == 2 * 6 * 8 * 16  # FLOPs (and the latency guard) need them
