@@ -123,3 +123,65 @@ class MiniLMBench:
             self._reference = self.embed(self.model)
         emb = self.embed(model)
         return float(np.mean(np.sum(emb * self._reference, axis=1))), float(np.mean(nearest(emb) == nearest(self._reference)))
+
+
+# --- a weightless copy for the GPU machine ------------------------------------------------------
+# The real export (90 MB) cannot travel beside the 56 MiB onnxruntime-gpu kit, but latency needs
+# only its graph and the ranks a plan gives it: the skeleton keeps every node and small constant,
+# drops the large float weights (refilled with seeded random values there), and the plans are
+# made here, on the real weights.
+
+SKELETON_MARK = "onnx-lowrank: weights removed; refill with fill_skeleton()"
+SKELETON_MIN_VALUES = 4096  # float initializers this large are dropped
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SKELETON_PATH = SAMPLES / "minilm_skeleton.onnx"
+PLAN_PATHS = {0.5: SAMPLES / "minilm_plan_keep50.json", 0.3: SAMPLES / "minilm_plan_keep30.json"}
+
+
+def write_skeleton(model: onnx.ModelProto, path: Path) -> None:
+    """``model`` without its large float weights (shapes and types kept, data marked as removed)."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for tensor in skeleton.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT and int(np.prod(tensor.dims)) >= SKELETON_MIN_VALUES:
+            tensor.ClearField("raw_data")
+            tensor.ClearField("float_data")
+            tensor.doc_string = SKELETON_MARK
+    onnx.save_model(skeleton, str(path))
+
+
+def fill_skeleton(skeleton: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """A runnable model from a skeleton: the removed weights as N(0, 0.02^2), BERT's init scale."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    rng = np.random.default_rng(seed)
+    for tensor in model.graph.initializer:
+        if tensor.doc_string == SKELETON_MARK:
+            values = (0.02 * rng.standard_normal(tuple(tensor.dims))).astype(np.float32)
+            tensor.raw_data = values.tobytes()
+            tensor.doc_string = ""
+    return model
+
+
+def write_skeleton_and_plans() -> None:
+    """Export the real model, write its skeleton and the keep-params plans (50%, 30%) to sample_models/."""
+    import tempfile
+
+    from onnx_lowrank.search import BudgetRequest, plan_for
+    from onnx_lowrank.search.budget import fraction_budget
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = MiniLMBench.build(Path(tmp))
+    write_skeleton(bench.model, SKELETON_PATH)
+    for kept, path in PLAN_PATHS.items():
+        request = BudgetRequest(fraction_budget("params", kept, flag="kept"))
+        plan_for(bench.model, bench.layers, request, min_params=4096).save(path)  # compress --keep-params
+    print(f"wrote {SKELETON_PATH} ({SKELETON_PATH.stat().st_size / 1e3:.0f} kB) and {', '.join(map(str, PLAN_PATHS.values()))}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write-skeleton"]:
+        sys.exit("usage: python benchmarks/minilm.py --write-skeleton   (needs the [bench] extra)")
+    write_skeleton_and_plans()

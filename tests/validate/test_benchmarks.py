@@ -74,3 +74,18 @@ def test_suite_out_of_time_keeps_what_it_measured_and_says_so(tmp_path):
     assert not result["complete"] and "build_big_matmul" in result["stopped_early"]
     assert "INCOMPLETE: not measured: " in (tmp_path / "gpu_suite.md").read_text()
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_suite_benches_the_minilm_export_from_its_skeleton_and_real_plans(tmp_path):
+    """sample_models/minilm_skeleton.onnx (the exported graph, large weights dropped) refilled at
+    random, compressed with the plans made on the real weights: what the GPU machine measures."""
+    done = suite("--provider", "cpu", "--quick", "--only", "minilm_export_quick", "--no-guard", "--no-gate",
+                 "--iters", "3", "--warmup", "1", out=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]
+    assert len(rows) == 8  # 2 plans x 2 batch sizes x 2 repeats
+    by_kept = {r["kept_params"]: r for r in rows}
+    # the plans' ranks, not a search on the random weights: 36 MatMuls factorized, FLOPs halved or better
+    assert {r["layers_factorized"] for r in rows} == {36}
+    assert by_kept[0.5]["ideal_flop_speedup"] > 1.9 and by_kept[0.3]["ideal_flop_speedup"] > 3.0
+    assert 0.7 < by_kept[0.5]["params_kept"] < 0.8  # the embeddings (30522 x 384) are not factorized
