@@ -203,10 +203,13 @@ def measure_pair(
     warmup: int = DEFAULT_WARMUP,
     iters: int = DEFAULT_ITERS,
     labels: tuple[str, str] = ("a", "b"),
+    min_seconds: float = 0.0,
 ) -> PairTiming:
-    """Time A and B interleaved on the same ``feeds``; speedup = time(A) / time(B)."""
+    """Time A and B interleaved on the same ``feeds``; speedup = time(A) / time(B).
+    ``min_seconds``: see :func:`measure_interleaved`."""
     a, b = measure_interleaved(
-        [model_a, model_b], feeds, provider=provider, options=options, warmup=warmup, iters=iters, labels=labels
+        [model_a, model_b], feeds, provider=provider, options=options, warmup=warmup, iters=iters, labels=labels,
+        min_seconds=min_seconds,
     )
     ratios = tuple(x / y if y > 0 else math.inf for x, y in zip(a.times_ms, b.times_ms))
     return PairTiming(a, b, ratios)
@@ -221,11 +224,14 @@ def measure_interleaved(
     warmup: int = DEFAULT_WARMUP,
     iters: int = DEFAULT_ITERS,
     labels: Sequence[str] | None = None,
+    min_seconds: float = 0.0,
 ) -> tuple[Timing, ...]:
     """Time several models in turn on the same ``feeds``, one :class:`Timing` each.
 
     Every round runs each model once, the order rotating round by round (A B, B A for two)
     so that none always runs first; run ``i`` of every model belongs to the same round.
+    ``min_seconds``: run more rounds than ``iters`` (up to 10x) until the timed rounds take
+    about that long, so that microsecond models are not judged on a few noisy runs.
     """
     _check_counts(warmup, iters)
     options = options or RuntimeOptions(provider=provider)
@@ -234,6 +240,9 @@ def measure_interleaved(
     for _ in range(warmup):
         for model in bound:
             model.run()
+    if min_seconds > 0:
+        round_s = sum(model.run() for model in bound) / 1000.0  # one more warm round, as an estimate
+        iters = min(10 * iters, max(iters, math.ceil(min_seconds / max(round_s, 1e-9))))
     times: list[list[float]] = [[] for _ in bound]
     order = list(range(len(bound)))
     with _no_gc():
@@ -342,6 +351,7 @@ def bench(
 
 LAYER_WARMUP = 5
 LAYER_ITERS = 30
+LAYER_MIN_SECONDS = 0.05  # per layer and rank: tiny layers get up to 300 pairs instead of 30
 LAYER_OPS = ("Gemm", "MatMul", "Conv")
 
 
@@ -446,7 +456,7 @@ def time_layer(
     is faster)."""
     return measure_pair(
         built.dense, built.factorized(rank), built.feeds, provider=provider, options=options,
-        warmup=warmup, iters=iters, labels=("dense", f"rank {rank}"),
+        warmup=warmup, iters=iters, labels=("dense", f"rank {rank}"), min_seconds=LAYER_MIN_SECONDS,
     )
 
 

@@ -57,6 +57,13 @@ def test_interleaved_pair_sees_a_planted_slowdown():
     assert ci_low <= pair.speedup <= ci_high
 
 
+def test_min_seconds_runs_more_rounds_for_fast_models_within_ten_times_iters():
+    fast = measure_pair(mlp(), mlp(), {"input": inputs(1)}, warmup=2, iters=5, min_seconds=0.05)
+    assert 5 < len(fast.ratios) <= 50  # a tiny MLP runs in microseconds: 5 rounds are far below 50 ms
+    slow = measure_pair(mlp(slow=6), mlp(), {"input": inputs(1)}, warmup=1, iters=5, min_seconds=1e-9)
+    assert len(slow.ratios) == 5  # never fewer than asked
+
+
 def test_bootstrap_interval_is_seeded_and_brackets_the_median():
     values = np.random.default_rng(0).lognormal(size=51)
     assert bootstrap_median_ci(values) == bootstrap_median_ci(values)
