@@ -17,7 +17,8 @@ the ideal one (the FLOP ratio of the factorized layers). Then the same budgets w
 latency guard on, as ``compress --keep-params F --latency-guard`` does it (per-layer timings on
 the provider at that batch size, then whole-model timing with slow layers kept dense), each
 guarded model measured twice again: the guard's goal is a speedup of at least 1.0 in every
-such row. Last, the CI gate as users run it (``onnx-lowrank check``, a subprocess): a baseline
+such row; and every foldable group (a transformer's FFN) at half its width, timed twice: the
+GPU-friendly alternative DESIGN.md points to. Last, the CI gate as users run it (``onnx-lowrank check``, a subprocess): a baseline
 of the big MatMul compressed to 50%, then the same compressed model (must pass) and a planted
 regression with identical outputs and about 5x the work (must fail), speedup tolerance 30%. Results go to ``$OUT``
 (default ./out) as ``gpu_suite.json`` and ``gpu_suite.md``.
@@ -56,7 +57,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from onnx_lowrank.compress import apply_plan
+from onnx_lowrank.compress import apply_plan, count_params
 from onnx_lowrank.errors import LowRankError
 from onnx_lowrank.layers import find_layers
 from onnx_lowrank.search import BudgetRequest, plan_for
@@ -66,7 +67,7 @@ from onnx_lowrank.search.engine import prepare_search, run_search
 from onnx_lowrank.search.model_guard import guard_whole_model, pair_measure
 from onnx_lowrank.search.plan import RankPlan
 from onnx_lowrank.validate.data import load_dataset
-from onnx_lowrank.validate.latency import measure_pair
+from onnx_lowrank.validate.latency import LAYER_OPS, measure_pair
 from onnx_lowrank.validate.runtime import PROVIDERS, RuntimeOptions, check_provider, gpu_name, runtime_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -365,6 +366,32 @@ def compress_case(case: ModelCase, kept: float) -> tuple[onnx.ModelProto, float 
     return result.model, _ideal(result.totals), result.totals
 
 
+FOLD_KEEP = 0.5  # the fold rows: every foldable group at half its width
+
+
+def fold_case(case: ModelCase, keep: float) -> tuple[onnx.ModelProto, float | None, dict, float] | None:
+    """The case with every foldable group (e.g. a transformer's FFN) at ``keep`` of its width, or
+    None when nothing folds. Widths are what latency depends on, so the data-free magnitude
+    selection stands in for ``--method regress`` (same widths, no calibration data needed)."""
+    from onnx_lowrank.fold import fold_model
+
+    started = time.perf_counter()
+    folded, report = fold_model(case.model, keep=keep, method="magnitude", input_shapes=case.flop_shapes)
+    if not report.groups or all(group.kept == group.width for group in report.groups):
+        return None
+    seconds = time.perf_counter() - started
+
+    def layer_flops(model: onnx.ModelProto) -> int:
+        return sum(layer.flops or 0 for layer in find_layers(model, case.flop_shapes) if layer.op_type in LAYER_OPS)
+
+    before, after = layer_flops(case.model), layer_flops(folded)
+    totals = {
+        "model_params_before": count_params(case.model), "model_params_after": count_params(folded),
+        "layers_factorized": 0,
+    }
+    return folded, (before / after if after else None), totals, seconds
+
+
 def _ideal(totals: dict) -> float | None:
     if totals.get("layer_flops_after"):
         return totals["layer_flops_before"] / totals["layer_flops_after"]
@@ -427,9 +454,10 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda re
             rows.append(row)
             print(_progress_line(row), file=sys.stderr, flush=True)
 
-    def describe(kept, ideal, totals, seconds, guard=None) -> dict:
+    def describe(kept, ideal, totals, seconds, guard=None, method=None) -> dict:
         return {
-            "kept_params": kept, "guard": guard, "ideal_flop_speedup": round(ideal, 4) if ideal else None,
+            "kept_params": kept, "method": method or ("svd+guard" if guard else "svd"), "guard": guard,
+            "ideal_flop_speedup": round(ideal, 4) if ideal else None,
             "params_kept": round(totals["model_params_after"] / totals["model_params_before"], 4),
             "layers_factorized": totals["layers_factorized"], "compress_s": round(seconds, 2),
         }
@@ -453,6 +481,14 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda re
                     )
                     measure_twice(case, compressed, case.feeds_for(batch), options, {**base, "batch": batch})
         save()
+        folded = fold_case(case, FOLD_KEEP)
+        if folded is not None:
+            model, ideal, totals, seconds = folded
+            base = describe(FOLD_KEEP, ideal, totals, seconds, method="fold")
+            for batch in case.batches:
+                options = RuntimeOptions(provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph)
+                measure_twice(case, model, case.feeds_for(batch), options, {**base, "batch": batch})
+            save()
         if args.no_guard or out_of_time(f"{case.name} guarded"):
             return
         options = RuntimeOptions(provider=args.provider, threads=args.threads, cuda_graph=args.cuda_graph)
@@ -498,7 +534,7 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda re
 
 def _progress_line(row: dict) -> str:
     tf32 = "" if row["tf32"] is None else f" tf32={'on' if row['tf32'] else 'off'}"
-    guarded = " guarded" if row["guard"] else ""
+    guarded = "" if row["method"] == "svd" else f" {row['method']}"
     return (
         f"{row['model']:<22} kept={row['kept_params']:.0%} batch={row['batch']:<3}{tf32}{guarded} #{row['repeat']}: "
         f"{row['p50_original_ms']:.4f} -> {row['p50_compressed_ms']:.4f} ms, speedup {row['speedup']:.3f}x "
@@ -514,26 +550,27 @@ def markdown(result: dict) -> str:
         f"{result['settings']['iters']} interleaved pairs after {result['settings']['warmup']} warm-up runs, "
         f"I/O binding{', CUDA graphs' if result['settings']['cuda_graph'] else ''}; {result['seconds']} s.",
         "Speedup = time(original) / time(compressed), median of per-pair ratios (IQR); ideal = FLOP ratio of the "
-        "factorized layers. Each configuration measured twice (run 1 / run 2). Guarded = energy search with the "
-        "latency guard at that batch size (per-layer, then whole-model; its params can be below the budget).",
+        "factorized layers (for fold: of all Gemm/MatMul/Conv layers). Each configuration measured twice (run 1 / "
+        "run 2). Methods: svd = compress --keep-params; svd + guard = the same with --latency-guard at that batch size "
+        "(per-layer, then whole-model; its params can be below the budget); fold = every foldable group (a "
+        "transformer's FFN) at half its width, as fold --keep 0.5 (any --method: the widths set the latency).",
         "",
-        "| model | budget | guard | params kept | batch | TF32 | p50 orig (ms) | p50 comp (ms) | speedup run 1 "
+        "| model | budget | method | params kept | batch | TF32 | p50 orig (ms) | p50 comp (ms) | speedup run 1 "
         "| speedup run 2 | ideal |",
         "|---|---:|:---:|---:|---:|:---:|---:|---:|---:|---:|---:|",
     ]
     grouped: dict[tuple, list[dict]] = {}
     for row in result["rows"]:
-        key = (row["model"], row["kept_params"], bool(row["guard"]), row["batch"], row["tf32"])
+        key = (row["model"], row["kept_params"], row["method"], row["batch"], row["tf32"])
         grouped.setdefault(key, []).append(row)
-    for (model, kept, guarded, batch, tf32), runs in grouped.items():
+    for (model, kept, method, batch, tf32), runs in grouped.items():
         speeds = [f"{r['speedup']:.3f} ({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f})" for r in runs]
         speeds += [""] * (2 - len(speeds))
         ideal = runs[0]["ideal_flop_speedup"]
         tf = "-" if tf32 is None else ("on" if tf32 else "off")
-        guard = "-"
-        if guarded:
-            blocked = runs[0]["guard"]["blocked"]
-            guard = f"on ({len(blocked)} kept dense)" if blocked else "on"
+        guard = {"svd+guard": "svd + guard"}.get(method, method)
+        if runs[0]["guard"] and runs[0]["guard"]["blocked"]:
+            guard += f" ({len(runs[0]['guard']['blocked'])} kept dense)"
         lines.append(
             f"| {model} | {kept:.0%} | {guard} | {runs[0]['params_kept']:.1%} | {batch} | {tf} "
             f"| {runs[0]['p50_original_ms']:.4f} | {runs[0]['p50_compressed_ms']:.4f} "

@@ -31,7 +31,7 @@ def test_quick_cpu_suite_writes_json_and_markdown(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert result["errors"] == [] and result["complete"]
-    rows = [r for r in result["rows"] if r["guard"] is None]
+    rows = [r for r in result["rows"] if r["method"] == "svd"]
     # 2 models x 2 kept fractions x 2 batch sizes x 2 repeats (no TF32 axis on the CPU)
     assert len(rows) == 16
     guarded = [r for r in result["rows"] if r["guard"] is not None]
@@ -49,7 +49,7 @@ def test_quick_cpu_suite_writes_json_and_markdown(tmp_path):
         assert row["speedup"] > 0 and row["p50_original_ms"] > 0
         assert row["ideal_flop_speedup"] > 1  # the compressed model does fewer FLOPs
     markdown = (tmp_path / "gpu_suite.md").read_text()
-    assert "| big_matmul_quick | 30% | - | 29.7% | 64 | - |" in markdown
+    assert "| big_matmul_quick | 30% | svd | 29.7% | 64 | - |" in markdown
     assert "guarded digits_mlp at 30%" in markdown  # the refusal is in the table notes
     gate = result["gate"]  # `check` as CI runs it: baseline, unchanged model, planted regression
     assert [gate[s]["exit_code"] for s in ("baseline", "unchanged", "planted")] == [0, 0, 1]
@@ -82,8 +82,12 @@ def test_suite_benches_the_minilm_export_from_its_skeleton_and_real_plans(tmp_pa
     done = suite("--provider", "cpu", "--quick", "--only", "minilm_export_quick", "--no-guard", "--no-gate",
                  "--iters", "3", "--warmup", "1", out=tmp_path)
     assert done.returncode == 0, done.stderr
-    rows = json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]
+    all_rows = json.loads((tmp_path / "gpu_suite.json").read_text())["rows"]
+    rows = [r for r in all_rows if r["method"] == "svd"]
     assert len(rows) == 8  # 2 plans x 2 batch sizes x 2 repeats
+    folded = [r for r in all_rows if r["method"] == "fold"]
+    assert len(folded) == 4 and {r["kept_params"] for r in folded} == {0.5}  # FFN at half width, 2 batches x 2
+    assert all(1.2 < r["ideal_flop_speedup"] < 2 for r in folded)  # the FFN is about 2/3 of the MatMul FLOPs
     by_kept = {r["kept_params"]: r for r in rows}
     # the plans' ranks, not a search on the random weights: 36 MatMuls factorized, FLOPs halved or better
     assert {r["layers_factorized"] for r in rows} == {36}
