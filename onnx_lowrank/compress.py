@@ -118,9 +118,10 @@ def layer_rows(layers: list[Layer], plan: RankPlan, report: FactorizeReport) -> 
                 row["ranks"] = list(decision.ranks)
             stored = report.stored_values.get(layer.name, decision.predicted.get("params", 0))
             row["params_after"] = int(stored)
-            # FLOPs: the search's prediction, else every stored value applied once per token.
+            # FLOPs: an SVD pair applies every stored value once per token (or output position), at
+            # this model's shapes; other methods' chains are the search's prediction.
             flops = decision.predicted.get("flops")
-            if flops is None and layer.tokens is not None:
+            if layer.tokens is not None and (flops is None or decision.method in ("svd", "svd-whitened")):
                 flops = 2 * layer.tokens * stored
             row["flops_after"] = flops
             if "rel_error" in decision.predicted:

@@ -162,15 +162,22 @@ def compress(
                 plan = plan_with_methods(
                     model, layers, request, methods, min_params=min_params, model_sha256=sha, on_layer=advance
                 )
-    if fold_report is not None:
+    def with_fold(plan: RankPlan) -> RankPlan:
+        """The plan with the fold it follows recorded, so that --plan replays both."""
+        if fold_report is None:
+            return plan
         recorded = fold_report.widths() if fold_method == "kmeans" else {**fold_report.widths(), "method": fold_method}
-        plan = dataclasses.replace(plan, options={**plan.options, "fold": recorded})
+        return dataclasses.replace(plan, options={**plan.options, "fold": recorded})
+
+    plan = with_fold(plan)
     if not plan.factorized() and not (fold_report and fold_report.modified):
         raise NothingToDo(
             f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
             "or at/above its break-even rank); no file written"
         )
+
     def build(plan: RankPlan) -> CompressResult:
+        plan = with_fold(plan)  # the latency guard re-plans from the search, which knows nothing of the fold
         decomposers = _data_decomposers(model, layers, plan, calibration)
         with progress("factorize", len(plan.factorized())) as advance:
             return apply_plan(model, layers, plan, on_layer=advance, decomposers=decomposers)
@@ -178,7 +185,7 @@ def compress(
     model_guard = None
     if latency_guard:
         model_guard = _guard_whole_model(original, search, build, runtime, input_shapes, bench_batch, seed)
-        plan, result = model_guard.plan, model_guard.built
+        plan, result = with_fold(model_guard.plan), model_guard.built
     else:
         result = build(plan)
     refit_report = None

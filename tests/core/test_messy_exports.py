@@ -227,3 +227,21 @@ def test_shapes_static_inference_cannot_follow_are_measured_by_running_the_model
     assert infer_shapes(model, {"x": (3, 2, 8)})["h"] == (6, 8)
     (layer,) = find_layers(model, {"x": (3, 2, 8)})
     assert layer.tokens == 6 and layer.flops == 2 * 6 * 8 * 16  # FLOPs (and the latency guard) need them
+
+
+def test_replayed_plan_counts_flops_at_this_models_shapes():
+    """A plan made at 128 tokens (its predicted FLOPs) replayed at 3: FLOPs before and after are
+    both counted at 3 tokens, not one at each."""
+    from onnx_lowrank.compress import apply_plan
+    from onnx_lowrank.search.plan import LayerDecision, RankPlan
+
+    rng = np.random.default_rng(7)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")
+    model = make_model([node], [value("x", ["batch", 3, 32])], [value("y", ["batch", 3, 32])],
+                       [tensor("w", rng.standard_normal((32, 32)).astype(np.float32))])
+    layers = find_layers(model)
+    stale = {"params": 512, "flops": 2 * 128 * 512}  # predicted at 128 tokens
+    plan = RankPlan({"proj": LayerDecision("factorize", "svd", rank=8, predicted=stale)})
+    totals = apply_plan(model, layers, plan).totals
+    assert totals["layer_flops_before"] == 2 * 3 * 32 * 32
+    assert totals["layer_flops_after"] == 2 * 3 * 8 * (32 + 32)
