@@ -12,6 +12,7 @@ from onnx_lowrank.cli.common import console, echo_json, human, info, input_shape
 from onnx_lowrank.cli.search_cmd import calibration_data
 from onnx_lowrank.errors import InputError, NothingToDo, OptionError
 from onnx_lowrank.fold import METHODS, FoldReport, fold_model, inspect_groups
+from onnx_lowrank.fold.allocate import DEFAULT_WIDTH_MULTIPLE
 from onnx_lowrank.fold.pipeline import DATA_METHODS
 from onnx_lowrank.fold.regress import DEFAULT_RIDGE
 from onnx_lowrank.jsonfile import read_json
@@ -42,6 +43,9 @@ BUDGET_FLAGS = ("--keep", "--keep-params", "--widths")
               help="Calibration inputs (.npz, matched like validate --data) for --method regress.")
 @click.option("--input-map", "input_map", multiple=True, metavar="INPUT=KEY",
               help="Feed --calib array KEY to model input INPUT. Repeatable.")
+@click.option("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE, show_default=True,
+              help="Widths from --keep/--keep-params are multiples of this (kernels work in channel blocks: off a "
+              "multiple of 8, onnxruntime's CPU convs lose their fast path); 1 keeps exact fractions.")
 @click.option("--ridge", type=float, default=DEFAULT_RIDGE, show_default=True,
               help="Relative ridge weight of --method regress.")
 @click.option(
@@ -57,7 +61,8 @@ BUDGET_FLAGS = ("--keep", "--keep-params", "--widths")
 @input_shape_option
 @json_option
 def fold(
-    model_path, output_path, keep, keep_params, widths_path, magnitude_prune, method, calib_path, input_map, ridge,
+    model_path, output_path, keep, keep_params, widths_path, magnitude_prune, method, calib_path, input_map,
+    width_multiple, ridge,
     repair, seed, list_only, save_widths, report_path, overwrite, external_data, input_shapes, as_json,
 ):
     """Merge similar output neurons/channels of MODEL.onnx (model folding).
@@ -99,6 +104,7 @@ def fold(
         input_shapes=input_shapes,
         calibration=calibration,
         ridge=ridge,
+        width_multiple=width_multiple,
     )
     if not report.groups:
         reasons = sorted({s["reason"] for s in report.skipped})

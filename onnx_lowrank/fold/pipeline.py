@@ -26,7 +26,7 @@ import onnx
 from onnx_lowrank.compress import count_params, verify
 from onnx_lowrank.errors import InputError, OptionError
 from onnx_lowrank.fold import cluster, regress
-from onnx_lowrank.fold.allocate import ParamModel, budget_widths, uniform_widths
+from onnx_lowrank.fold.allocate import DEFAULT_WIDTH_MULTIPLE, ParamModel, budget_widths, uniform_widths
 from onnx_lowrank.fold.apply import apply_folds, read_neurons
 from onnx_lowrank.fold.groups import FoldGroup, find_groups
 from onnx_lowrank.fold.merge import MergedNeurons, Neurons, merge_neurons
@@ -142,14 +142,18 @@ def fold_model(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     calibration: Dataset | None = None,
     ridge: float = regress.DEFAULT_RIDGE,
+    width_multiple: int = DEFAULT_WIDTH_MULTIPLE,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Merge similar output channels of every foldable group; return the new model and a report.
 
     Exactly one of:
 
-    - ``keep``: each group keeps ``ceil(keep * width)`` channels (fraction in (0, 1]);
+    - ``keep``: each group keeps ``ceil(keep * width)`` channels (fraction in (0, 1]), rounded
+      up to a multiple of ``width_multiple`` (default 8: kernels work in channel blocks, see
+      :func:`~onnx_lowrank.fold.allocate.round_width`; 1 turns the rounding off);
     - ``keep_params``: the layers the groups scale keep at most this fraction of their weight
-      values, allocated greedily by clustering error per value saved;
+      values, allocated greedily by clustering error per value saved, in steps of
+      ``width_multiple`` channels;
     - ``widths``: the widths of a previous run (``report.widths()``, or its inner dict; a
       value may be ``{"keep": k, "of": width}`` or just ``k``); groups it does not name keep
       their width, names the model lacks are listed in ``report.not_applied``.
@@ -166,6 +170,8 @@ def fold_model(
     """
     started = time.perf_counter()
     budget = _budget(keep, keep_params, widths, method)
+    if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
+        raise OptionError(f"--width-multiple must be a positive integer, got {width_multiple!r}")
     if method in DATA_METHODS and calibration is None:
         raise OptionError(f"fold method {method!r} needs calibration data (--calib FILE.npz)")
     layers = find_layers(model, input_shapes)
@@ -182,14 +188,14 @@ def fold_model(
     not_applied: dict[str, str] = {}
 
     if keep is not None:
-        targets = uniform_widths(groups, keep)
+        targets = uniform_widths(groups, keep, width_multiple)
     elif keep_params is not None:
         curves = {
             name: regress.regression_error_curve(acts[name], column_norms[name], ridge=ridge) if method in DATA_METHODS
             else _error_curve(method, neurons[name], features[name])
             for name in neurons
         }
-        targets = budget_widths(groups, layers, curves, keep_params)
+        targets = budget_widths(groups, layers, curves, keep_params, width_multiple)
     else:
         targets, not_applied = _given_widths(widths, groups, all_groups)
 

@@ -122,7 +122,7 @@ def test_repair_with_batchnorm_matches_the_cluster_average_std():
 
     outputs = {}
     for repair in (True, False):
-        folded, report = fold_model(model, keep=2 / width, repair=repair)
+        folded, report = fold_model(model, keep=2 / width, repair=repair, width_multiple=1)
         assert report.groups[0].kept == 2
         outputs[repair] = run(_with_output(folded, "bn"), {"x": x})[1]
         if repair:
@@ -148,8 +148,8 @@ def test_repair_without_batchnorm_gives_the_centroid_the_mean_norm():
     ]
     inits = [tensor("w1", w1), tensor("b1", b1), tensor("w2", rng.standard_normal((3, width)).astype(np.float32))]
     model = make_model(nodes, [value("x", ["batch", 32])], [value("y", ["batch", 3])], inits)
-    repaired, report = fold_model(model, keep=3 / width, repair=True)
-    plain, _ = fold_model(model, keep=3 / width, repair=False)
+    repaired, report = fold_model(model, keep=3 / width, repair=True, width_multiple=1)
+    plain, _ = fold_model(model, keep=3 / width, repair=False, width_multiple=1)
     rows_r, rows_p = node_input(repaired, "fc1", 1), node_input(plain, "fc1", 1)
     w64 = w1.astype(np.float64)
     for j in range(3):
