@@ -352,3 +352,18 @@ def test_fold_with_latency_guard_records_the_fold_and_replays(tmp_path):
     again = tmp_path / "again.onnx"
     assert invoke("compress", SAMPLES / "digits_cnn.onnx", "-o", again, "--plan", plan).exit_code == 0
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_rank_multiple_rounds_every_rank_and_meets_the_budget(tmp_path):
+    out, plan = tmp_path / "r.onnx", tmp_path / "r.json"
+    result = invoke("compress", SAMPLES / "digits_resnet.onnx", "-o", out, "--keep-params", 0.5, "--rank-multiple", 8,
+                    "--save-plan", plan, "--json")
+    assert result.exit_code == 0, result.output
+    totals = json.loads(result.output)["totals"]
+    assert totals["layer_params_after"] <= 0.5 * totals["layer_params_before"]
+    ranks = [d["rank"] for d in json.loads(plan.read_text())["layers"].values() if d["action"] == "factorize"]
+    assert ranks and all(r % 8 == 0 for r in ranks)
+    for flags, message in ((["--energy", 0.9], "--rank-multiple picks ranks under a budget"),
+                           (["--floor", "cosine=0.9", "--data", SAMPLES / "digits_calib.npz"], "not --floor")):
+        bad = invoke("compress", SAMPLES / "digits_resnet.onnx", "-o", tmp_path / "x.onnx", "--rank-multiple", 8, *flags)
+        assert bad.exit_code == 2 and message in bad.output and not (tmp_path / "x.onnx").exists()
