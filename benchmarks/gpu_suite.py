@@ -70,10 +70,11 @@ from onnx_lowrank.validate.data import load_dataset
 from onnx_lowrank.validate.latency import LAYER_OPS, measure_pair
 from onnx_lowrank.validate.runtime import (
     PROVIDERS,
+    ProviderUnavailable,
     RuntimeOptions,
-    check_provider,
     create_session,
     gpu_name,
+    probe_provider,
     runtime_info,
 )
 
@@ -414,7 +415,7 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda re
     rows, skipped, guard_failures = [], [], []
     started = time.perf_counter()
     expected = PROVIDERS[args.provider]
-    check_provider(RuntimeOptions(provider=args.provider))  # before minutes of compressing
+    probe_provider(RuntimeOptions(provider=args.provider))  # before minutes of compressing: loads, or fails
     result = {
         "suite": "gpu_suite",
         "quick": args.quick,
@@ -529,6 +530,8 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda re
             skipped.append({"builder": builder.__name__, "reason": str(exc)})
             print(f"skip {builder.__name__}: {exc}", file=sys.stderr)
             continue
+        except ProviderUnavailable:
+            raise  # the provider itself is missing: nothing else can be measured either
         except Exception as exc:  # noqa: BLE001 - as for a failing case below
             result["errors"].append({"model": builder.__name__, "error": f"{type(exc).__name__}: {exc}"})
             print(f"error building {builder.__name__}: {exc}", file=sys.stderr, flush=True)
@@ -537,6 +540,8 @@ def run(args: argparse.Namespace, checkpoint: Callable[[dict], None] = lambda re
             continue
         try:
             measure_case(case)
+        except ProviderUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - one device call: a failing case must not cost the others
             detail = f"{type(exc).__name__}: {exc}"
             result["errors"].append({"model": case.name, "error": detail})

@@ -347,16 +347,22 @@ def device_label(options: RuntimeOptions) -> str:
     return gpu_name() or PROVIDERS[options.provider]
 
 
-def cuda_session_works() -> bool:
-    """True when a CUDA EP session can really be created here (for skipping GPU tests)."""
-    if PROVIDERS["cuda"] not in available_providers():
-        return False
+def probe_provider(options: RuntimeOptions) -> None:
+    """Create a one-node session on ``options.provider``: raises :class:`ProviderUnavailable`
+    when the provider is listed but cannot really load (onnxruntime-gpu without CUDA libraries)."""
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    create_session(model, options, label="provider probe")
+
+
+def cuda_session_works() -> bool:
+    """True when a CUDA EP session can really be created here (for skipping GPU tests)."""
+    if PROVIDERS["cuda"] not in available_providers():
+        return False
     try:
-        create_session(model, RuntimeOptions(provider="cuda"))
+        probe_provider(RuntimeOptions(provider="cuda"))
     except OptionError:
         return False
     return True
