@@ -18,7 +18,7 @@ With ``--minilm`` (``--skip-digits`` to leave the digits tables out), the same c
 all-MiniLM-L6-v2 (``benchmarks/minilm.py``): the foldable groups ``inspect_groups`` finds and
 why the others are left alone, then per ``keep`` the (mean embedding cosine to the original,
 nearest-neighbour agreement) of fold, fold + repair, magnitude pruning, ``--method regress``
-(fitted on the 128 calibration sentences), SVD alone at the same
+(fitted on the 128 calibration sentences, padding masked), SVD alone at the same
 model parameter count (within 1%), fold + SVD (fold keep picked on the 128 calibration
 sentences), and the interleaved CPU latency of fold + repair vs SVD at that count.
 """
@@ -278,7 +278,8 @@ def minilm_section(keeps: list[float], iters: int) -> None:
         plain = fold(keep, repair=False)
         pruned = fold(keep, method="magnitude", repair=True)
         started = time.perf_counter()
-        regressed = fold_model(model, keep=keep, method="regress", calibration=calibration)[0]
+        regressed = fold_model(model, keep=keep, method="regress", calibration=calibration,
+                               mask_input="attention_mask")[0]
         regress_seconds = time.perf_counter() - started
         target = count_params(repaired)
         factorized = svd_to_params_fast(model, target)

@@ -46,6 +46,9 @@ BUDGET_FLAGS = ("--keep", "--keep-params", "--widths")
 @click.option("--width-multiple", type=int, default=DEFAULT_WIDTH_MULTIPLE, show_default=True,
               help="Widths from --keep/--keep-params are multiples of this (kernels work in channel blocks: off a "
               "multiple of 8, onnxruntime's CPU convs lose their fast path); 1 keeps exact fractions.")
+@click.option("--mask-input", metavar="NAME",
+              help="With --method regress: the model input holding a [batch, positions] padding mask (e.g. "
+              "attention_mask); padded positions are left out of the fit.")
 @click.option("--ridge", type=float, default=DEFAULT_RIDGE, show_default=True,
               help="Relative ridge weight of --method regress.")
 @click.option(
@@ -62,7 +65,7 @@ BUDGET_FLAGS = ("--keep", "--keep-params", "--widths")
 @json_option
 def fold(
     model_path, output_path, keep, keep_params, widths_path, magnitude_prune, method, calib_path, input_map,
-    width_multiple, ridge,
+    width_multiple, mask_input, ridge,
     repair, seed, list_only, save_widths, report_path, overwrite, external_data, input_shapes, as_json,
 ):
     """Merge similar output neurons/channels of MODEL.onnx (model folding).
@@ -105,6 +108,7 @@ def fold(
         calibration=calibration,
         ridge=ridge,
         width_multiple=width_multiple,
+        mask_input=mask_input,
     )
     if not report.groups:
         reasons = sorted({s["reason"] for s in report.skipped})

@@ -31,7 +31,7 @@ from onnx_lowrank.fold.apply import apply_folds, read_neurons
 from onnx_lowrank.fold.groups import FoldGroup, find_groups
 from onnx_lowrank.fold.merge import MergedNeurons, Neurons, merge_neurons
 from onnx_lowrank.layers import find_layers, weight_matrix
-from onnx_lowrank.validate.data import Dataset
+from onnx_lowrank.validate.data import Dataset, check_mask_input
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ def fold_model(
     calibration: Dataset | None = None,
     ridge: float = regress.DEFAULT_RIDGE,
     width_multiple: int = DEFAULT_WIDTH_MULTIPLE,
+    mask_input: str | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Merge similar output channels of every foldable group; return the new model and a report.
 
@@ -162,7 +163,8 @@ def fold_model(
     always merge exactly); "magnitude" keeps the channels with the largest L1 weight norm (the
     structured-pruning baseline); "regress" needs ``calibration`` (model inputs) and keeps the
     channels that contribute most to the consumers' output on it, folding the others into them
-    by ridge regression of their activations (``ridge``: relative ridge weight; see
+    by ridge regression of their activations (``ridge``: relative ridge weight; ``mask_input``:
+    a model input holding a [batch, positions] padding mask whose 0 positions are left out; see
     :mod:`onnx_lowrank.fold.regress`). ``repair`` (k-means only) rescales merged channels to undo the variance
     that averaging collapses (data-free; see :mod:`onnx_lowrank.fold.repair`). The input model
     is not modified; the result passes onnx's full checker and has the same graph inputs and
@@ -174,6 +176,10 @@ def fold_model(
         raise OptionError(f"--width-multiple must be a positive integer, got {width_multiple!r}")
     if method in DATA_METHODS and calibration is None:
         raise OptionError(f"fold method {method!r} needs calibration data (--calib FILE.npz)")
+    if mask_input is not None:
+        if method not in DATA_METHODS:
+            raise OptionError(f"--mask-input goes with --method {' or '.join(DATA_METHODS)} (it masks calibration data)")
+        check_mask_input(model, calibration.feeds, mask_input)
     layers = find_layers(model, input_shapes)
     all_groups = find_groups(model, input_shapes, layers=layers)
     groups = [group for group in all_groups if group.foldable]
@@ -183,7 +189,7 @@ def fold_model(
     acts: dict[str, np.ndarray] = {}
     column_norms: dict[str, np.ndarray] = {}
     if method in DATA_METHODS:
-        acts = regress.consumer_inputs(model, groups, calibration, seed=seed)
+        acts = regress.consumer_inputs(model, groups, calibration, seed=seed, mask_input=mask_input)
         column_norms = {group.name: _column_norms(model, group, by_layer) for group in groups}
     not_applied: dict[str, str] = {}
 

@@ -131,21 +131,28 @@ def regress_neurons(
 
 
 def consumer_inputs(model: onnx.ModelProto, groups: list[FoldGroup], data, *, batch_size: int = 32,
-                    max_rows: int = MAX_ROWS, seed: int = 0) -> dict[str, np.ndarray]:
+                    max_rows: int = MAX_ROWS, seed: int = 0, mask_input: str | None = None) -> dict[str, np.ndarray]:
     """Per group, what its consumers read on ``data``: (rows, C) float64, one row per token or position.
 
     The tensor is the last one on the group's path (``group.tensors[-1]``); its channel axis is
     the last one when it has C (or C x block) entries there, else axis 1 (NCHW feature maps).
-    At most ``max_rows`` rows per group are kept (a seeded subsample), so memory stays bounded.
+    ``mask_input`` names a model input holding a [batch, positions] padding mask: rows of
+    [batch, positions, C] tensors at masked (0) positions are left out. At most ``max_rows``
+    rows per group are kept (a seeded subsample), so memory stays bounded.
     """
     from onnx_lowrank.validate.capture import CaptureSession
 
     names = {group.name: group.tensors[-1] for group in groups}
-    session = CaptureSession(model, sorted(set(names.values())), label="fold calibration")
+    wanted = sorted(set(names.values()) | ({mask_input} if mask_input else set()))
+    session = CaptureSession(model, wanted, label="fold calibration")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for fetched in session.batches(data, batch_size):
+        mask = np.asarray(fetched[mask_input]) != 0 if mask_input else None
         for group in groups:
-            parts[group.name].append(_channel_rows(np.asarray(fetched[names[group.name]]), group.width))
+            tensor = np.asarray(fetched[names[group.name]])
+            if mask is not None and tensor.ndim == 3 and tensor.shape[:2] == mask.shape:
+                tensor = tensor[mask]  # (real positions, C): padding never enters the regression
+            parts[group.name].append(_channel_rows(tensor, group.width))
     rng = np.random.default_rng(seed)
     result = {}
     for name, chunks in parts.items():

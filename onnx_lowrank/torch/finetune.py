@@ -51,6 +51,7 @@ from onnx_lowrank.torch.training import (
     take,
     to_torch,
 )
+from onnx_lowrank.validate.data import check_mask_input
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def finetune(
         raise InputError(f"labels have {len(labels)} entries but the data has {n} samples")
 
     if options.mask_input is not None:
-        _check_mask_input(compressed, feeds, options.mask_input)
+        check_mask_input(compressed, feeds, options.mask_input)
     teacher = run_reference(original, feeds, batch_size=256)
     targets = {name: array for name, array in teacher.items() if array.dtype.kind == "f"}
     if labels is not None and not any(is_classifier(a) for a in targets.values()):
@@ -525,20 +526,6 @@ _FROM_MATRICES = {"in_out": _gemm_from, "out_in": _gemm_from, "left": _left_from
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _check_mask_input(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], name: str) -> None:
-    """The mask must be a real model input of shape [batch, positions] with a real position per sample."""
-    from onnx_lowrank.validate.runtime import input_specs
-
-    inputs = [spec.name for spec in input_specs(model)]
-    if name not in inputs:
-        raise OptionError(f"--mask-input {name!r} is not an input of the model (it takes {', '.join(inputs)})")
-    mask = np.asarray(feeds[name])
-    if mask.ndim != 2:
-        raise OptionError(f"--mask-input {name!r} must be [batch, positions], got shape {tuple(mask.shape)}")
-    if not np.all(mask.sum(axis=1) > 0):
-        raise InputError(f"--mask-input {name!r}: some samples have no unmasked position")
 
 
 def _check_same_interface(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:

@@ -359,3 +359,18 @@ def _shape_text(shape) -> str:
 
 def _keys(arrays: dict) -> str:
     return ", ".join(sorted(arrays)) or "(none)"
+
+
+def check_mask_input(model, feeds: dict[str, np.ndarray], name: str) -> None:
+    """``--mask-input NAME``: a real model input of shape [batch, positions] (nonzero = real
+    position) with at least one real position per sample."""
+    from onnx_lowrank.validate.runtime import input_specs
+
+    inputs = [spec.name for spec in input_specs(model)]
+    if name not in inputs:
+        raise OptionError(f"--mask-input {name!r} is not an input of the model (it takes {', '.join(inputs)})")
+    mask = np.asarray(feeds[name])
+    if mask.ndim != 2:
+        raise OptionError(f"--mask-input {name!r} must be [batch, positions], got shape {tuple(mask.shape)}")
+    if not np.all(mask.sum(axis=1) > 0):
+        raise InputError(f"--mask-input {name!r}: some samples have no unmasked position")

@@ -117,3 +117,44 @@ def test_cli_regress_with_calib(tmp_path):
         assert bad.exit_code == 2 and message in bad.output and not (tmp_path / "bad.onnx").exists()
     noted = invoke("fold", model_path, "--keep", 0.5, "--calib", tmp_path / "calib.npz", "-o", tmp_path / "k.onnx")
     assert noted.exit_code == 0 and "data-free" in noted.output
+
+
+def _masked_token_model(rng, tokens=6, features=8, hidden=32):
+    """x [n, T, F] -> MatMul(F x hidden) -> Relu -> MatMul(hidden x F) -> times mask [n, T]: padded
+    positions are computed and then zeroed, as in a padded encoder batch."""
+    sources = rng.standard_normal((8, features))
+    w1 = (sources[duplicated(rng, 8, hidden)] + 0.05 * rng.standard_normal((hidden, features))).T
+    w2 = rng.standard_normal((hidden, features)) / np.sqrt(hidden)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["o"], name="fc2"),
+        helper.make_node("Cast", ["mask"], ["m"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+        helper.make_node("Mul", ["o", "m3"], ["y"]),
+    ]
+    inits = [tensor("w1", w1.astype(np.float32)), tensor("w2", w2.astype(np.float32)),
+             tensor("axes", np.array([2], np.int64))]
+    inputs = [value("x", ["n", tokens, features]), value("mask", ["n", tokens], onnx.TensorProto.INT64)]
+    return make_model(nodes, inputs, [value("y", ["n", tokens, features])], inits)
+
+
+def test_mask_input_keeps_padding_out_of_the_regression():
+    rng = np.random.default_rng(8)
+    model = _masked_token_model(rng)
+    x = rng.standard_normal((64, 6, 8)).astype(np.float32)
+    mask = np.ones((64, 6), np.int64)
+    mask[:, 3:] = 0
+    x[:, 3:] = 3 + 0.1 * rng.standard_normal(x[:, 3:].shape)  # padding: one repeated token, off distribution
+    calibration = Dataset({"x": x, "mask": mask}, source="padded calibration")
+    held_out = {"x": rng.standard_normal((32, 6, 8)).astype(np.float32), "mask": np.ones((32, 6), np.int64)}
+    expected = run(model, held_out)[0]
+    errors = {}
+    for mask_input in (None, "mask"):
+        folded, _ = fold_model(model, keep=0.5, method="regress", calibration=calibration, mask_input=mask_input)
+        errors[mask_input] = rel_error(run(folded, held_out)[0], expected)
+    assert errors["mask"] < 0.5 * errors[None], errors
+    with pytest.raises(OptionError, match="is not an input of the model"):
+        fold_model(model, keep=0.5, method="regress", calibration=calibration, mask_input="attention_mask")
+    with pytest.raises(OptionError, match="--mask-input goes with --method regress"):
+        fold_model(model, keep=0.5, method="magnitude", mask_input="mask")
