@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from conv_chains import conv_chain, random_conv_case
+from onnx_testing import rel_error as rel_err
 
 from onnx_lowrank.decompose import tt as tt_module
 from onnx_lowrank.decompose.tt import (
@@ -17,11 +19,6 @@ from onnx_lowrank.decompose.tt import (
     tt_svd,
 )
 from onnx_lowrank.errors import OptionError
-
-
-def rel_err(approx: np.ndarray, exact: np.ndarray) -> float:
-    exact = np.asarray(exact, dtype=np.float64)
-    return float(np.linalg.norm(np.asarray(approx, dtype=np.float64) - exact) / np.linalg.norm(exact))
 
 
 def tt_full(cores: list[np.ndarray]) -> np.ndarray:
@@ -316,26 +313,13 @@ def test_tt_matrix_error_bound_and_validation():
 # --------------------------------------------------------------------------- tt_conv
 
 
-def _chain_conv(torch, x, kernels, stride, padding, dilation):
-    conv = torch.nn.functional.conv1d if x.ndim == 3 else torch.nn.functional.conv2d
-    first, middle, last = (torch.from_numpy(k) for k in kernels)
-    y = conv(x, first)
-    y = conv(y, middle, stride=stride, padding=padding, dilation=dilation)
-    return conv(y, last)
-
-
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("spatial_ndim", [1, 2])
 def test_tt_conv_chain_equals_conv_at_full_rank(seed, spatial_ndim):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(seed)
-    cout, cin = (int(c) for c in rng.integers(1, 13, size=2))
-    spatial = tuple(int(k) for k in rng.integers(1, 4, size=spatial_ndim))
-    kernel = rng.standard_normal((cout, cin, *spatial)).astype(np.float32)
-    stride = tuple(int(s) for s in rng.integers(1, 4, size=spatial_ndim))
-    padding = tuple(int(p) for p in rng.integers(0, 3, size=spatial_ndim))
-    dilation = tuple(int(d) for d in rng.integers(1, 3, size=spatial_ndim))
-    x = torch.from_numpy(rng.standard_normal((2, cin, *rng.integers(9, 14, size=spatial_ndim))).astype(np.float32))
+    kernel, stride, padding, dilation, x = random_conv_case(torch, rng, spatial_ndim)
+    cout, cin, spatial = *kernel.shape[:2], kernel.shape[2:]
 
     factors = tt_conv(kernel, TTRank.full((cin, math.prod(spatial), cout)))
     kernels = factors.conv_kernels()
@@ -347,7 +331,7 @@ def test_tt_conv_chain_equals_conv_at_full_rank(seed, spatial_ndim):
 
     conv = torch.nn.functional.conv1d if spatial_ndim == 1 else torch.nn.functional.conv2d
     ref = conv(x, torch.from_numpy(kernel), stride=stride, padding=padding, dilation=dilation)
-    out = _chain_conv(torch, x, kernels, stride, padding, dilation)
+    out = conv_chain(torch, x, kernels, stride, padding, dilation)
     assert rel_err(out.numpy(), ref.numpy()) < 1e-5
 
 
@@ -362,7 +346,7 @@ def test_tt_conv_truncated_consistent_params_flops():
     assert factors.params == sum(k.size for k in kernels) == sum(c.size for c in factors.cores)
     x = torch.from_numpy(rng.standard_normal((1, 12, 10, 10)))
     ref = torch.nn.functional.conv2d(x, torch.from_numpy(factors.reconstruct()), stride=2, padding=1)
-    out = _chain_conv(torch, x, kernels, 2, 1, 1)
+    out = conv_chain(torch, x, kernels, 2, 1, 1)
     assert rel_err(out.numpy(), ref.numpy()) < 1e-12
     # 10x10 input, stride 2, pad 1 -> 5x5 output; the first 1x1 conv runs on the 100 input positions.
     expected = 2 * (100 * 12 * 5 + 25 * 7 * 5 * 9 + 25 * 16 * 7)

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from conv_chains import conv_chain, random_conv_case
+from onnx_testing import rel_error as rel_err
 
 from onnx_lowrank.decompose.tucker import (
     TuckerEnergy,
@@ -14,11 +16,6 @@ from onnx_lowrank.decompose.tucker import (
     tucker_ranks_for_energy,
 )
 from onnx_lowrank.errors import OptionError
-
-
-def rel_err(approx: np.ndarray, exact: np.ndarray) -> float:
-    exact = np.asarray(exact, dtype=np.float64)
-    return float(np.linalg.norm(np.asarray(approx, dtype=np.float64) - exact) / np.linalg.norm(exact))
 
 
 def planted_tucker(rng, cout, cin, spatial, r_out, r_in):
@@ -99,33 +96,20 @@ def test_matrix_is_treated_as_1x1_kernel():
     assert factors.flops(1, batch=5) == 2 * 5 * (9 * 4 + 4 * 4 + 12 * 4)
 
 
-def _chain(torch, x, kernels, stride, padding, dilation):
-    conv = torch.nn.functional.conv1d if x.ndim == 3 else torch.nn.functional.conv2d
-    first, core, last = (torch.from_numpy(k) for k in kernels)
-    y = conv(x, first)
-    y = conv(y, core, stride=stride, padding=padding, dilation=dilation)
-    return conv(y, last)
-
-
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("spatial_ndim", [1, 2])
 def test_conv_chain_equals_conv_at_full_rank(seed, spatial_ndim):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(100 + seed)
-    cout, cin = (int(c) for c in rng.integers(1, 13, size=2))
-    spatial = tuple(int(k) for k in rng.integers(1, 4, size=spatial_ndim))
-    kernel = rng.standard_normal((cout, cin, *spatial)).astype(np.float32)
-    stride = tuple(int(s) for s in rng.integers(1, 4, size=spatial_ndim))
-    padding = tuple(int(p) for p in rng.integers(0, 3, size=spatial_ndim))
-    dilation = tuple(int(d) for d in rng.integers(1, 3, size=spatial_ndim))
-    x = torch.from_numpy(rng.standard_normal((2, cin, *rng.integers(9, 14, size=spatial_ndim))).astype(np.float32))
+    kernel, stride, padding, dilation, x = random_conv_case(torch, rng, spatial_ndim)
+    cout, cin = kernel.shape[:2]
 
     factors = tucker2(kernel, TuckerRank(cout, cin), n_iter_max=int(seed % 2))
     kernels = factors.conv_kernels()
     assert all(k.dtype == np.float32 and k.flags.c_contiguous for k in kernels)
     conv = torch.nn.functional.conv1d if spatial_ndim == 1 else torch.nn.functional.conv2d
     ref = conv(x, torch.from_numpy(kernel), stride=stride, padding=padding, dilation=dilation)
-    assert rel_err(_chain(torch, x, kernels, stride, padding, dilation).numpy(), ref.numpy()) < 1e-5
+    assert rel_err(conv_chain(torch, x, kernels, stride, padding, dilation).numpy(), ref.numpy()) < 1e-5
 
 
 def test_truncated_chain_params_flops():
@@ -137,7 +121,7 @@ def test_truncated_chain_params_flops():
     assert factors.params == sum(k.size for k in factors.conv_kernels()) == 5 * 12 + 6 * 5 * 9 + 16 * 6
     x = torch.from_numpy(rng.standard_normal((1, 12, 10, 10)))
     ref = torch.nn.functional.conv2d(x, torch.from_numpy(factors.reconstruct()), stride=2, padding=1)
-    assert rel_err(_chain(torch, x, factors.conv_kernels(), 2, 1, 1).numpy(), ref.numpy()) < 1e-12
+    assert rel_err(conv_chain(torch, x, factors.conv_kernels(), 2, 1, 1).numpy(), ref.numpy()) < 1e-12
     expected = 2 * (100 * 12 * 5 + 25 * (6 * 5 * 9 + 16 * 6))
     assert factors.flops(25, in_spatial_size=100) == expected
     assert factors.flops(25, batch=2, in_spatial_size=100) == 2 * expected
