@@ -171,14 +171,6 @@ def compress(
                 plan = plan_with_methods(
                     model, layers, request, methods, min_params=min_params, model_sha256=sha, on_layer=advance
                 )
-    def with_fold(plan: RankPlan) -> RankPlan:
-        """The plan with the fold it follows recorded, so that --plan replays both."""
-        if fold_report is None:
-            return plan
-        recorded = fold_report.widths() if fold_method == "kmeans" else {**fold_report.widths(), "method": fold_method}
-        return dataclasses.replace(plan, options={**plan.options, "fold": recorded})
-
-    plan = with_fold(plan)
     if not plan.factorized() and not (fold_report and fold_report.modified):
         raise NothingToDo(
             f"{model_path}: nothing to compress at this budget (every layer kept: below --min-params "
@@ -186,17 +178,21 @@ def compress(
         )
 
     def build(plan: RankPlan) -> CompressResult:
-        plan = with_fold(plan)  # the latency guard re-plans from the search, which knows nothing of the fold
+        """Factorize per ``plan``, recording the fold it follows so that --plan replays both
+        (the latency guard builds from the search's plans, which know nothing of the fold)."""
+        if fold_report is not None:
+            fold = fold_report.widths() if fold_method == "kmeans" else {**fold_report.widths(), "method": fold_method}
+            plan = dataclasses.replace(plan, options={**plan.options, "fold": fold})
         decomposers = _data_decomposers(model, layers, plan, calibration)
         with progress("factorize", len(plan.factorized())) as advance:
             return apply_plan(model, layers, plan, on_layer=advance, decomposers=decomposers)
 
-    model_guard = None
     if latency_guard:
         model_guard = _guard_whole_model(original, search, build, runtime, input_shapes, bench_batch, seed)
-        plan, result = with_fold(model_guard.plan), model_guard.built
+        result = model_guard.built
     else:
-        result = build(plan)
+        model_guard, result = None, build(plan)
+    plan = result.plan
     refit_report = None
     if refit:
         result, refit_report = _refit(model, result, layers, plan, calibration, refit_alpha)
